@@ -1,0 +1,46 @@
+"""The one answer the policy gives: `Decision`.
+
+Owns: the verdict vocabulary, stable reason codes, and the audit fields a decision contributes.
+Must not: evaluate rules (see `policy.engine`) or know about sockets and protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    WOULD_DENY = "would_deny"  # monitor mode: audited as a denial, let through
+
+
+class ReasonCode(StrEnum):
+    RULE = "rule"  # a rule matched and decided
+    DEFAULT = "default"  # no rule matched; the file's `default:` decided
+    RATE_LIMITED = "rate_limited"  # the matching rule's `rate` is exhausted for this guest
+
+
+_EMPTY: Mapping[str, int] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    code: ReasonCode
+    rule: str  # rule id, or "default"
+    at: str  # "rules.yaml:5"
+    detail: str  # human reason
+    plaintext: bool = False
+    limits: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def allowed(self) -> bool:
+        """True when the request may proceed (allow, or a monitored denial)."""
+        return self.verdict is not Verdict.DENY
+
+    def audit_fields(self) -> dict[str, str]:
+        return {"verdict": str(self.verdict), "rule": self.rule, "at": self.at, "reason": self.detail}
