@@ -31,7 +31,7 @@ class LabCA:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.key = _key("ec")
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = (
             x509.CertificateBuilder()
@@ -63,7 +63,7 @@ class LabCA:
         """Issue a server/client certificate for DNS names and/or IP addresses.
         Returns (cert_path, key_path); the cert file holds the leaf followed by the CA."""
         leaf_key = _key(key)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = []
         for n in names:
             try:

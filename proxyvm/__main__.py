@@ -1,0 +1,5 @@
+import sys
+
+from proxyvm.cli import main
+
+sys.exit(main())

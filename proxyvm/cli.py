@@ -1,0 +1,240 @@
+"""`proxyvm` command line (DESIGN.md "CLI contract").
+
+Owns: argument parsing, exit codes (0 ok/allow, 1 error/deny/broken chain, 2 usage), and turning
+located errors into `FILE:LINE:COL: message` lines. Must not: contain protocol or policy logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 for usage errors: keep that contract
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _print_problems(e: Exception) -> None:
+    problems = getattr(e, "problems", None)
+    if problems:
+        for p in problems:
+            print(str(p), file=sys.stderr)
+    else:
+        print(f"proxyvm: {e}", file=sys.stderr)
+
+
+def _load(config: str | None) -> tuple[Any, Any]:
+    from proxyvm.config import load_all
+
+    return load_all(config)
+
+
+# -- run -----------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxyvm.services import SERVICES, ServiceUnavailable, load_service_class
+    from proxyvm.supervisor import Supervisor, prepare_dirs
+
+    logging.basicConfig(
+        level=os.environ.get("PROXYVM_LOG_LEVEL", "INFO"),
+        format="%(asctime)s proxyvm[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config, _engine = _load(args.config)
+    except Exception as e:  # noqa: BLE001 - located errors are printed, anything else too
+        _print_problems(e)
+        return EXIT_FAIL
+    enabled: list[str] = []
+    unavailable: dict[str, str] = {}
+    for name in SERVICES:
+        if name in getattr(config, "unavailable", ()):
+            unavailable[name] = "not available in this build yet"
+            continue
+        if getattr(config, name, None) is None:
+            continue
+        try:
+            load_service_class(name)
+        except ServiceUnavailable as e:
+            unavailable[name] = str(e)
+            continue
+        except TypeError as e:
+            print(f"proxyvm: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        enabled.append(name)
+    prepare_dirs(config)
+    sup = Supervisor(os.path.abspath(args.config) if args.config else None, config, enabled, unavailable)
+    return asyncio.run(sup.run())
+
+
+# -- check ---------------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config, engine = _load(args.config)
+    except Exception as e:  # noqa: BLE001
+        _print_problems(e)
+        return EXIT_FAIL
+    src = args.config or "built-in default"
+    services = [n for n in ("dns", "smtp", "snmp", "http") if getattr(config, n, None) is not None]
+    print(f"{src}: ok ({len(config.guests)} guests, services: {', '.join(services) or 'none'}, "
+          f"policy: {getattr(engine, 'source', config.policy_path or 'built-in allow-all')})")
+    return EXIT_OK
+
+
+# -- explain -------------------------------------------------------------------------------------
+def cmd_explain(args: argparse.Namespace) -> int:
+    from proxyvm.inventory import Inventory
+
+    request: dict[str, Any] = {}
+    for kv in args.pairs:
+        if "=" not in kv:
+            print(f"proxyvm explain: expected KEY=VALUE, got {kv!r}", file=sys.stderr)
+            return EXIT_USAGE
+        k, v = kv.split("=", 1)
+        request[k] = int(v) if k == "size" and v.isdigit() else v
+    try:
+        config, engine = _load(args.config)
+    except Exception as e:  # noqa: BLE001
+        _print_problems(e)
+        return EXIT_FAIL
+    if args.guest:
+        if args.guest != "unknown" and args.guest not in config.guests:
+            print(f"proxyvm explain: no guest named {args.guest!r} in the config", file=sys.stderr)
+            return EXIT_USAGE
+        guest = args.guest
+    else:
+        try:
+            ipaddress.ip_address(args.src)
+        except ValueError:
+            print(f"proxyvm explain: --src {args.src!r} is not an IP address", file=sys.stderr)
+            return EXIT_USAGE
+        guest = Inventory(config.guests).lookup(args.src)
+    try:
+        d = engine.decide(args.protocol, guest, request)
+    except (KeyError, ValueError) as e:
+        print(f"proxyvm explain: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"verdict: {d.verdict}")
+    print(f"guest:   {guest}")
+    print(f"rule:    {d.rule}")
+    print(f"at:      {d.at}")
+    print(f"reason:  {d.detail}")
+    if d.plaintext:
+        print("note:    this rule lets the request leave unencrypted (plaintext: true)")
+    if d.limits:
+        print("limits:  " + ", ".join(f"{k}={v}" for k, v in d.limits.items()))
+    # would_deny is a denial decision that monitor mode lets through: report it as a denial.
+    return EXIT_OK if str(d.verdict) == "allow" else EXIT_FAIL
+
+
+# -- audit ---------------------------------------------------------------------------------------
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from proxyvm.audit import verify
+
+    res = verify([Path(f) for f in args.files], use_head=not args.no_head)
+    print(str(res), file=sys.stdout if res.ok else sys.stderr)
+    return EXIT_OK if res.ok else EXIT_FAIL
+
+
+# -- gateway -------------------------------------------------------------------------------------
+def _gateway_module() -> Any:
+    try:
+        from proxyvm import gateway
+    except ModuleNotFoundError:
+        print("proxyvm: transparent gateway mode is not available in this build yet", file=sys.stderr)
+        return None
+    return gateway
+
+
+def cmd_gateway_rules(args: argparse.Namespace) -> int:
+    gw = _gateway_module()
+    if gw is None:
+        return EXIT_FAIL
+    try:
+        config, _ = _load(args.config)
+    except Exception as e:  # noqa: BLE001
+        _print_problems(e)
+        return EXIT_FAIL
+    return gw.cli_rules(config)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    gw = _gateway_module()
+    if gw is None:
+        return EXIT_FAIL
+    try:
+        config, _ = _load(args.config)
+    except Exception as e:  # noqa: BLE001
+        _print_problems(e)
+        return EXIT_FAIL
+    return gw.cli_updown(config, args.action)
+
+
+# -- mailq ---------------------------------------------------------------------------------------
+def cmd_mailq(args: argparse.Namespace) -> int:
+    try:
+        from protocols.smtp import mailq
+    except ModuleNotFoundError:
+        print("proxyvm: the smtp service is not available in this build yet", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        config, _ = _load(args.config)
+    except Exception as e:  # noqa: BLE001
+        _print_problems(e)
+        return EXIT_FAIL
+    if config.smtp is None:
+        print("proxyvm mailq: smtp is not configured", file=sys.stderr)
+        return EXIT_FAIL
+    return mailq.cli(config.smtp, flush=args.flush)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="proxyvm", description="Secure-protocol proxy appliance")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", help="config file (default: the built-in default)")
+        return sp
+
+    with_config(sub.add_parser("run", help="run every enabled service")).set_defaults(fn=cmd_run)
+    with_config(sub.add_parser("check", help="validate config and policy")).set_defaults(fn=cmd_check)
+    ex = with_config(sub.add_parser("explain", help="decide one hypothetical request"))
+    who = ex.add_mutually_exclusive_group(required=True)
+    who.add_argument("--guest", help="guest name")
+    who.add_argument("--src", help="guest source address")
+    ex.add_argument("protocol", choices=["dns", "smtp", "snmp", "http", "ws", "tls"])
+    ex.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
+    ex.set_defaults(fn=cmd_explain)
+    with_config(sub.add_parser("gateway-rules", help="print the nftables ruleset")).set_defaults(fn=cmd_gateway_rules)
+    gw = with_config(sub.add_parser("gateway", help="apply/remove transparent gateway rules"))
+    gw.add_argument("action", choices=["up", "down"])
+    gw.set_defaults(fn=cmd_gateway)
+    au = sub.add_parser("audit", help="audit log tools")
+    ausub = au.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    av = ausub.add_parser("verify", help="check the hash chain")
+    av.add_argument("files", nargs="+", metavar="FILE", help="oldest first when rotated (audit.jsonl.1 audit.jsonl)")
+    av.add_argument("--no-head", action="store_true", help="ignore the .head file")
+    av.set_defaults(fn=cmd_audit_verify)
+    mq = with_config(sub.add_parser("mailq", help="list the SMTP spool"))
+    mq.add_argument("--flush", action="store_true", help="retry deferred mail now")
+    mq.set_defaults(fn=cmd_mailq)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

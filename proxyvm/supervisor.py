@@ -1,0 +1,302 @@
+"""The supervisor behind `proxyvm run`: one process per protocol service, restarted when it dies.
+
+Owns: spawning workers (`proxyvm.worker`) with a control channel each, restart with backoff,
+the single audit writer (records arrive from workers over their channels), the admin endpoint,
+and the signals: SIGHUP validates config + policy and, only if valid, tells every worker to reload
+(an invalid file is rejected with its errors and the old one stays in force); SIGTERM/SIGINT drain
+every worker, flush the audit log and exit 0.
+Must not: parse guest traffic (that happens only in the compartments), or read secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxyvm import channel
+from proxyvm.admin import AdminServer, Metrics
+from proxyvm.audit import AuditLog
+from proxyvm.config import load_all
+
+log = logging.getLogger("proxyvm")
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a worker up this long has its backoff reset
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class ServiceState:
+    name: str
+    proc: asyncio.subprocess.Process | None = None
+    writer: asyncio.StreamWriter | None = None
+    state: str = "starting"  # starting | ready | restarting | failed | stopped
+    listening: list[str] = field(default_factory=list)
+    health: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    started_at: float = 0.0
+    backoff: float = BACKOFF_FIRST
+    last_error: str = ""
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    reload_waiter: asyncio.Future[dict[str, Any]] | None = None
+
+
+class Supervisor:
+    def __init__(self, config_path: str | None, config: Any, services: list[str], unavailable: dict[str, str]):
+        self.config_path = config_path
+        self.config = config
+        self.services = {name: ServiceState(name) for name in services}
+        self.unavailable = unavailable
+        self.metrics = Metrics()
+        self.audit = AuditLog(config.audit.path, config.audit.rotate_size, config.audit.keep)
+        self.admin: AdminServer | None = None
+        self.stopping = asyncio.Event()
+        self.draining = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- audit --------------------------------------------------------------------------------
+    def write_audit(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            self.audit.append(rec)
+            self.metrics.observe_record(rec)
+        self.metrics.audit_records.inc(len(records))
+
+    def audit_event(self, event: str, reason: str, **extra: Any) -> None:
+        """The supervisor's own records (start, crash, reload): protocol "proxyvm"."""
+        self.write_audit(
+            [
+                {
+                    "guest": None,
+                    "src": None,
+                    "protocol": "proxyvm",
+                    "verdict": None,
+                    "rule": None,
+                    "at": self.config.source,
+                    "reason": reason,
+                    "request": {"event": event},
+                    "upstream": None,
+                    **extra,
+                }
+            ]
+        )
+        self.audit.flush()
+
+    # -- health -------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        body: dict[str, Any] = {"status": "ok", "services": {}}
+        ok = True
+        for s in self.services.values():
+            svc_ok = s.state == "ready" and s.health.get("state", "ok") == "ok"
+            ok = ok and svc_ok
+            body["services"][s.name] = {
+                "state": s.state if s.state != "ready" else s.health.get("state", "ok"),
+                "pid": s.proc.pid if s.proc else None,
+                "listening": s.listening,
+                "restarts": s.restarts,
+                **({"last_error": s.last_error} if s.last_error else {}),
+                "detail": s.health,
+            }
+        for name, why in self.unavailable.items():
+            body["services"][name] = {"state": "unavailable", "reason": why}
+        if not ok:
+            body["status"] = "degraded"
+        return ok, body
+
+    # -- workers ------------------------------------------------------------------------------
+    async def _spawn(self, s: ServiceState) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [sys.executable, "-m", "proxyvm.worker", "--service", s.name, "--fd", str(child.fileno())]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        s.ready.clear()
+        s.state = "starting"
+        s.proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(child.fileno(),))
+        child.close()
+        s.started_at = time.monotonic()
+        reader, s.writer = await asyncio.open_unix_connection(sock=parent, limit=channel.MAX_LINE)
+        self._spawn_task(self._read_worker(s, reader))
+
+    def _spawn_task(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _read_worker(self, s: ServiceState, reader: asyncio.StreamReader) -> None:
+        proc = s.proc
+        assert proc is not None
+        try:
+            while True:
+                msg = await channel.read_message(reader)
+                if msg is None:
+                    break
+                t = msg.get("t")
+                if t == "audit":
+                    self.write_audit(msg.get("r", []))
+                elif t == "ready":
+                    s.state = "ready"
+                    s.listening = list(msg.get("listening", []))
+                    s.last_error = ""
+                    self.metrics.up.labels(s.name).set(1)
+                    for item in s.listening:
+                        log.info("%s listening on %s", s.name, item)
+                    s.ready.set()
+                elif t == "health":
+                    s.health = dict(msg.get("h", {}))
+                elif t == "reloaded":
+                    if s.reload_waiter and not s.reload_waiter.done():
+                        s.reload_waiter.set_result(msg)
+                elif t == "fatal":
+                    s.last_error = str(msg.get("error", ""))
+                    log.error("%s failed: %s", s.name, s.last_error)
+        except (ConnectionError, ValueError) as e:
+            log.error("%s: control channel broken: %s", s.name, e)
+        rc = await proc.wait()
+        self.metrics.up.labels(s.name).set(0)
+        if s.reload_waiter and not s.reload_waiter.done():
+            s.reload_waiter.set_result({"ok": False, "errors": "worker exited"})
+        if self.draining:
+            s.state = "stopped"
+            s.ready.set()
+            return
+        # An unexpected exit: log, audit, restart with backoff.
+        if time.monotonic() - s.started_at > STABLE_AFTER:
+            s.backoff = BACKOFF_FIRST
+        s.restarts += 1
+        self.metrics.restarts.labels(s.name).inc()
+        why = s.last_error or (f"exit status {rc}" if rc >= 0 else f"killed by signal {-rc}")
+        s.last_error = why
+        s.state = "restarting"
+        log.error("%s worker (pid %d) died: %s; restarting in %.1fs", s.name, proc.pid, why, s.backoff)
+        self.audit_event("service_crash", f"{s.name} service died ({why}); restarting", service=s.name)
+        s.ready.set()
+        delay, s.backoff = s.backoff, min(s.backoff * 2, BACKOFF_MAX)
+        try:
+            await asyncio.wait_for(self.stopping.wait(), delay)
+            return
+        except TimeoutError:
+            pass
+        await self._spawn(s)
+
+    # -- signals ------------------------------------------------------------------------------
+    async def reload(self) -> bool:
+        """SIGHUP: validate first; only a valid config + policy reaches the workers."""
+        try:
+            config, _engine = load_all(self.config_path)
+        except Exception as e:  # noqa: BLE001 - any load failure rejects the reload
+            msg = str(e)
+            log.error("reload rejected; the running policy stays in force:\n%s", msg)
+            self.metrics.reloads.labels("rejected").inc()
+            self.audit_event("reload_rejected", "new config/policy invalid; old one stays in force", errors=msg)
+            return False
+        changed = [n for n in ("audit", "admin", "user", "state_dir") if getattr(config, n) != getattr(self.config, n)]
+        if changed:
+            log.warning("reload: %s changed; those take effect on restart", ", ".join(changed))
+        results = {}
+        for s in self.services.values():
+            if s.state != "ready" or s.writer is None:
+                continue
+            s.reload_waiter = asyncio.get_running_loop().create_future()
+            s.writer.write(channel.encode({"t": "reload"}))
+            try:
+                results[s.name] = await asyncio.wait_for(s.reload_waiter, 120)
+            except TimeoutError:
+                results[s.name] = {"ok": False, "errors": "timeout"}
+        ok = all(r.get("ok") for r in results.values())
+        self.metrics.reloads.labels("ok" if ok else "partial").inc()
+        self.audit_event(
+            "reload", "policy and config reloaded" if ok else "reload failed in some services",
+            services={k: v.get("ok") for k, v in results.items()},
+        )
+        log.info("reload %s: %s", "done" if ok else "incomplete", {k: v.get("ok") for k, v in results.items()})
+        return ok
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        self.draining = True
+        for s in self.services.values():
+            if s.writer and not s.writer.is_closing():
+                try:
+                    s.writer.write(channel.encode({"t": "drain", "timeout": timeout}))
+                except ConnectionError:
+                    pass
+        for s in self.services.values():
+            if s.proc and s.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(s.proc.wait(), timeout + 5)
+                except TimeoutError:
+                    log.error("%s did not drain in time; killing", s.name)
+                    s.proc.kill()
+                    await s.proc.wait()
+        # let readers consume the last audit batches
+        await asyncio.sleep(0.05)
+
+    # -- main ---------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        hup_pending = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, hup_pending.set)
+        if self.config.admin and self.config.admin.listen:
+            host, port = self.config.admin.listen
+            self.admin = AdminServer(host, port, self.metrics, self.health)
+            log.info("admin listening on %s (/healthz, /metrics)", await self.admin.start())
+        for name, why in self.unavailable.items():
+            log.warning("%s: not available yet — %s", name, why)
+        self.audit_event("start", f"proxyvm started with {self.config.source}", services=list(self.services))
+        for s in self.services.values():
+            await self._spawn(s)
+        for s in self.services.values():
+            try:
+                await asyncio.wait_for(s.ready.wait(), READY_TIMEOUT)
+            except TimeoutError:
+                log.error("%s not ready after %ds", s.name, READY_TIMEOUT)
+        if not self.services:
+            log.warning("no service is enabled and available; serving only the admin endpoint")
+        log.info("proxyvm ready")
+        flush = asyncio.create_task(self._flush_loop())
+        while not self.stopping.is_set():
+            hup = asyncio.create_task(hup_pending.wait())
+            stop = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({hup, stop}, return_when=asyncio.FIRST_COMPLETED)
+            hup.cancel()
+            stop.cancel()
+            if hup_pending.is_set() and not self.stopping.is_set():
+                hup_pending.clear()
+                await self.reload()
+        log.info("draining")
+        await self.drain()
+        flush.cancel()
+        self.audit_event("stop", "proxyvm stopped (SIGTERM)")
+        self.audit.close()
+        if self.admin:
+            await self.admin.close()
+        log.info("stopped")
+        return 0
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self.audit.flush()
+
+
+def prepare_dirs(config: Any) -> None:
+    """Create state/audit directories owned by the service user (before workers drop root)."""
+    user = getattr(config, "user", None)
+    dirs = [config.state_dir, config.audit.path.parent]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    if os.getuid() == 0 and user:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return
+        os.chown(config.state_dir, pw.pw_uid, pw.pw_gid)

@@ -1,0 +1,218 @@
+"""One protocol service in its own process (a compartment), driven by the supervisor.
+
+Owns: loading config + policy for one service, building its `ServiceContext`, binding (via the
+service's `start`), dropping privileges after binding, forwarding audit records and health to the
+supervisor, and applying reload/drain requests.
+Must not: write the audit log (the supervisor is the only writer) or outlive its supervisor (EOF on
+the channel means drain and exit).
+
+Run as: python -m proxyvm.worker --service NAME --fd N [--config PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from proxyvm import channel
+from proxyvm.audit import now_iso
+from proxyvm.config import load_all
+from proxyvm.inventory import Inventory
+from proxyvm.services import load_service_class
+
+AUDIT_FLUSH_S = 0.02
+AUDIT_BATCH = 2000
+AUDIT_BUFFER_MAX = 200_000  # beyond this the supervisor is stuck; count drops rather than grow forever
+HEALTH_EVERY_S = 2.0
+
+
+class ChannelAudit:
+    """AuditSink that batches records to the supervisor. `emit` never blocks and never raises."""
+
+    def __init__(self) -> None:
+        self.buf: list[dict[str, Any]] = []
+        self.dropped = 0
+        self.wakeup = asyncio.Event()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if len(self.buf) >= AUDIT_BUFFER_MAX:
+            self.dropped += 1
+            return
+        if "ts" not in record:
+            record = {"ts": now_iso(), **record}
+        self.buf.append(record)
+        if len(self.buf) >= AUDIT_BATCH:
+            self.wakeup.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.buf = self.buf, []
+        self.wakeup.clear()
+        return out
+
+
+def drop_privileges(user: str | None, log: logging.Logger) -> None:
+    """After binding: become `user` (no supplementary groups). No-op when not root or no user."""
+    if os.getuid() != 0 or not user:
+        return
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        log.warning("user %r does not exist; keeping root", user)
+        return
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    if os.getuid() == 0:  # pragma: no cover - setuid failing silently would be a kernel bug
+        raise RuntimeError("failed to drop root")
+    log.info("dropped privileges to %s (uid %d)", user, pw.pw_uid)
+
+
+class Worker:
+    def __init__(self, name: str, config_path: str | None, sock: socket.socket):
+        self.name = name
+        self.config_path = config_path
+        self.sock = sock
+        self.log = logging.getLogger(f"proxyvm.{name}")
+        self.audit = ChannelAudit()
+        self.service: Any = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.stopping = asyncio.Event()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(channel.encode(msg))
+
+    async def run(self) -> int:
+        from protocols.base import ServiceContext
+
+        reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
+        try:
+            config, engine = load_all(self.config_path)
+        except Exception as e:  # noqa: BLE001 - reported to the supervisor verbatim, then exit
+            self.send({"t": "fatal", "error": str(e)})
+            await self.writer.drain()
+            return 1
+        settings = getattr(config, self.name)
+        cls = load_service_class(self.name)
+        ctx = ServiceContext(
+            settings=settings,
+            engine=engine,
+            audit=self.audit,
+            guests=Inventory(config.guests),
+            log=self.log,
+            config=config,
+            state_dir=config.state_dir,
+        )
+        self.service = cls(ctx)
+        try:
+            listening = await self.service.start()
+        except Exception as e:
+            self.log.exception("start failed")
+            self.send({"t": "fatal", "error": f"{type(e).__name__}: {e}"})
+            await self.writer.drain()
+            return 1
+        drop_privileges(config.user, self.log)
+        self.send({"t": "ready", "listening": listening, "pid": os.getpid()})
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor decides reloads
+        flusher = asyncio.create_task(self._flush_audit())
+        health = asyncio.create_task(self._health())
+        commands = asyncio.create_task(self._commands(reader))
+        await self.stopping.wait()
+        await self.service.drain(self._drain_timeout)
+        for t in (health, commands):
+            t.cancel()
+        self.stopping.set()
+        flusher.cancel()
+        self._send_audit()
+        try:
+            await asyncio.wait_for(self.writer.drain(), 5)
+        except (ConnectionError, TimeoutError):
+            pass
+        return 0
+
+    _drain_timeout = 10.0
+
+    def _send_audit(self) -> None:
+        if self.audit.buf:
+            self.send({"t": "audit", "r": self.audit.take()})
+
+    async def _flush_audit(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.audit.wakeup.wait(), AUDIT_FLUSH_S)
+            except TimeoutError:
+                pass
+            self._send_audit()
+            if self.writer is not None:
+                try:
+                    await self.writer.drain()
+                except ConnectionError:
+                    self.stopping.set()
+                    return
+
+    async def _health(self) -> None:
+        while True:
+            try:
+                h = dict(self.service.health())
+            except Exception as e:  # noqa: BLE001 - a broken health() is itself a health fact
+                h = {"state": "degraded", "error": f"health() failed: {e}"}
+            if self.audit.dropped:
+                h["audit_dropped"] = self.audit.dropped
+            self.send({"t": "health", "h": h})
+            await asyncio.sleep(HEALTH_EVERY_S)
+
+    async def _commands(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            msg = await channel.read_message(reader)
+            if msg is None:  # supervisor gone: never run unsupervised
+                self.log.warning("supervisor channel closed; draining")
+                self.stopping.set()
+                return
+            t = msg.get("t")
+            if t == "reload":
+                await self._reload()
+            elif t == "drain":
+                self._drain_timeout = float(msg.get("timeout", 10.0))
+                self.stopping.set()
+                return
+
+    async def _reload(self) -> None:
+        started = time.monotonic()
+        try:
+            config, engine = load_all(self.config_path)
+            await self.service.reload(getattr(config, self.name), engine)
+        except Exception as e:  # noqa: BLE001 - old config stays in force; report why
+            self.log.error("reload rejected, old policy stays in force: %s", e)
+            self.send({"t": "reloaded", "ok": False, "errors": str(e)})
+            return
+        self.send({"t": "reloaded", "ok": True, "seconds": round(time.monotonic() - started, 3)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="proxyvm-worker")
+    ap.add_argument("--service", required=True)
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--config")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("PROXYVM_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {args.service}[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    sock = socket.socket(fileno=args.fd)
+    return asyncio.run(Worker(args.service, args.config, sock).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
