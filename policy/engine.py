@@ -1,0 +1,323 @@
+"""The compiled policy engine: `load_policy()` and `Engine.decide()`.
+
+Owns: compiling a parsed `Policy` into per-protocol tables of indexes (see `policy.matchers`),
+first-match evaluation over those indexes, per-(rule, guest) token buckets for `rate:`, monitor
+mode, and building a fully filled `Decision` on every path.
+Must not: do I/O after loading (no files, sockets or logging in `decide`), block, or raise for bad
+request *values* (a value that fits no pattern simply fits no rule). It raises only for programming
+errors: an unknown protocol or key name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from policy.decision import Decision, ReasonCode, Verdict
+from policy.matchers import Index, NameIndex, new_index
+from policy.model import MATCH_KEYS, PROTOCOLS, Action, KeyKind, Mode, NamePattern, Policy, Rule
+from policy.parser import UNKNOWN_GUEST, parse_policy, read_name_file
+from policy.source import Problem, SourceError
+
+Clock = Callable[[], float]
+
+_NO_LIMITS: Mapping[str, int] = MappingProxyType({})
+_SHOW_MAX = 200
+
+
+def load_policy(
+    path: str | os.PathLike[str], guests: Iterable[str] = (), clock: Clock = time.monotonic
+) -> Engine:
+    """Parse, check and compile a rules file. `guests` are the guest names the config defines
+    ("unknown" is always valid). Raises `policy.source.SourceError` listing every problem found."""
+    known = frozenset(guests)
+    return Engine(parse_policy(path, known), known, clock)
+
+
+def _show(value: Any) -> str:
+    """A request value as it may appear in a human detail (no control characters, bounded)."""
+    s = value if isinstance(value, str) else str(value)
+    if len(s) <= _SHOW_MAX and s.isprintable():
+        return s
+    r = repr(s)
+    return r if len(r) <= _SHOW_MAX else r[: _SHOW_MAX - 3] + "..."
+
+
+def _fmt_list(texts: Iterable[str]) -> str:
+    items = list(texts)
+    return ", ".join(items[:6]) + (f", ... ({len(items)} values)" if len(items) > 6 else "")
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyCheck:
+    key: str
+    kind: KeyKind
+    index: Index
+    free: int  # rules that do not constrain this key (they fit any value, and a missing key)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    last: float
+
+
+class _RuleEntry:
+    """What `decide` needs of a winning rule, precomputed."""
+
+    __slots__ = ("rule", "bit", "keys", "verdict", "monitor_verdict", "plaintext", "limits", "at",
+                 "inline", "files", "global_index")
+
+    def __init__(self, rule: Rule, bit: int, keys: list[_KeyCheck], monitor: bool) -> None:
+        self.rule = rule
+        self.bit = bit
+        self.keys = keys  # the keys this rule constrains, in schema order
+        allow = rule.action is Action.ALLOW
+        self.verdict = Verdict.ALLOW if allow else (Verdict.WOULD_DENY if monitor else Verdict.DENY)
+        self.monitor_verdict = Verdict.WOULD_DENY if monitor else Verdict.DENY  # for rate limiting
+        self.plaintext = allow and rule.plaintext
+        self.limits = rule.limits if allow and rule.limits else _NO_LIMITS
+        self.at = rule.at
+        self.global_index = rule.index
+        # canonical inline name patterns, to tell names written in the YAML from those in a file
+        self.inline: dict[str, frozenset[str]] = {
+            k: frozenset(p.text.strip().lower().removesuffix(".") for p in pats if isinstance(p, NamePattern))
+            for k, pats in rule.match.items()
+        }
+        self.files: dict[str, str] = {nf.key: nf.path.name for nf in rule.name_files}
+
+
+class _Table:
+    """One protocol's compiled rules."""
+
+    __slots__ = ("protocol", "entries", "checks", "guest_masks", "unknown_mask", "allow_mask",
+                 "default_decision", "by_key")
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.entries: list[_RuleEntry] = []
+        self.checks: tuple[_KeyCheck, ...] = ()
+        self.guest_masks: dict[str, int] = {}
+        self.unknown_mask = 0
+        self.allow_mask = 0
+        self.default_decision: Decision
+        self.by_key: dict[str, _KeyCheck] = {}
+
+
+class Engine:
+    """A compiled, immutable policy plus its rate-limit state. Build with `load_policy`."""
+
+    def __init__(self, policy: Policy, guests: Iterable[str] = (), clock: Clock = time.monotonic) -> None:
+        self.policy = policy
+        self.guests = frozenset(guests) | {UNKNOWN_GUEST}
+        self.clock = clock
+        self._monitor = policy.mode is Mode.MONITOR
+        self._buckets: dict[tuple[int, str], _Bucket] = {}
+        self._tables: dict[str, _Table] = {}
+        problems: list[Problem] = []
+        for protocol in PROTOCOLS:
+            self._tables[protocol] = self._compile(protocol, problems)
+        if problems:
+            raise SourceError(problems)
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def mode(self) -> Mode:
+        return self.policy.mode
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self.policy.rules
+
+    @property
+    def file(self) -> str:
+        return self.policy.file
+
+    # -- compiling ------------------------------------------------------------------------------
+    def _compile(self, protocol: str, problems: list[Problem]) -> _Table:
+        table = _Table(protocol)
+        rules = [r for r in self.policy.rules if r.protocol == protocol]
+        every = (1 << len(rules)) - 1
+        checks: list[_KeyCheck] = []
+        for key, kind in MATCH_KEYS[protocol].items():
+            constrained = [(pos, r) for pos, r in enumerate(rules) if key in r.constrained_keys()]
+            if not constrained:
+                continue
+            index = new_index(kind)
+            cmask = 0
+            for pos, r in constrained:
+                bit = 1 << pos
+                cmask |= bit
+                for pattern in r.match.get(key, ()):
+                    index.add(pattern, bit)
+                for nf in r.name_files:
+                    if nf.key != key:
+                        continue
+                    try:
+                        names = read_name_file(nf)
+                    except SourceError as e:
+                        problems.extend(e.problems)
+                        continue
+                    assert isinstance(index, NameIndex)
+                    index.add_names(names.exact, names.below, names.any, bit)
+                    del names
+            checks.append(_KeyCheck(key, kind, index, every & ~cmask))
+        table.checks = tuple(checks)
+        table.by_key = {c.key: c for c in checks}
+        for pos, r in enumerate(rules):
+            keys = [c for c in checks if c.key in r.constrained_keys()]
+            table.entries.append(_RuleEntry(r, 1 << pos, keys, self._monitor))
+            if r.action is Action.ALLOW:
+                table.allow_mask |= 1 << pos
+        for guest in self.guests:
+            table.guest_masks[guest] = sum(
+                1 << pos for pos, r in enumerate(rules) if r.guests is None or guest in r.guests)
+        table.unknown_mask = table.guest_masks[UNKNOWN_GUEST]
+
+        pol = self.policy
+        if pol.default is Action.ALLOW:
+            verdict, detail = Verdict.ALLOW, "no rule matched; default allow"
+        elif self._monitor:
+            verdict, detail = Verdict.WOULD_DENY, "no rule matched; default deny (monitor mode: let through)"
+        else:
+            verdict, detail = Verdict.DENY, "no rule matched; default deny"
+        table.default_decision = Decision(verdict, ReasonCode.DEFAULT, "default", pol.default_at, detail)
+        return table
+
+    # -- deciding -------------------------------------------------------------------------------
+    def decide(self, protocol: str, guest: str, request: Mapping[str, Any]) -> Decision:
+        """Decide one request.
+
+        Precedence:
+          1. Only rules of `protocol` are considered, in file order.
+          2. A rule fits when its `guests` list names `guest` (or it has no `guests`; a guest name the
+             config does not know counts as "unknown") and every key in its `match:` fits the
+             request: names "x" exactly, "*.x" strictly below x, "*" anything; e-mail patterns
+             likewise on the domain with a literal or `*` local part; paths as globs; addresses by
+             CIDR; OIDs by subtree; qtype/method/op/port/agent as sets. A rule that matches on a key
+             the request does not carry (e.g. `answer_ip`) does not fit. Limit keys (`max_size`,
+             `max_body`, `max_message`) never affect fitting; they are returned in `limits`.
+          3. The first fitting rule decides. If it has a `rate` and the (rule, guest) bucket is
+             empty, the answer is `rate_limited` (deny) instead of the rule's action.
+          4. No fitting rule: the file's `default`.
+          5. In monitor mode every deny (rule, rate or default) becomes `would_deny`, which lets the
+             request through and is audited as a denial.
+        `plaintext` is True only when an allow rule with `plaintext: true` lets the request through;
+        `limits` are the allow rule's limits.
+        """
+        table = self._tables.get(protocol)
+        if table is None:
+            raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
+        m = table.guest_masks.get(guest, table.unknown_mask)
+        for check in table.checks:
+            if not m:
+                break
+            value = request.get(check.key)
+            if value is None:
+                m &= check.free
+            else:
+                m &= check.index.lookup(value) | check.free
+        if not m:
+            return table.default_decision
+        entry = table.entries[(m & -m).bit_length() - 1]
+        detail = self._detail(table, entry, request, guest)
+        rule = entry.rule
+        if rule.rate is not None and not self._take_token(entry, guest):
+            verdict = entry.monitor_verdict
+            let_through = verdict is Verdict.WOULD_DENY
+            return Decision(
+                verdict, ReasonCode.RATE_LIMITED, rule.id, entry.at,
+                f"{detail}; over rate {rule.rate.text} for guest {_show(guest)}"
+                + ("; monitor mode: let through" if let_through else ""),
+                plaintext=entry.plaintext and let_through,
+                limits=entry.limits if let_through else _NO_LIMITS,
+            )
+        if entry.verdict is Verdict.WOULD_DENY:
+            detail += "; monitor mode: would deny, let through"
+        return Decision(entry.verdict, ReasonCode.RULE, rule.id, entry.at, detail,
+                        plaintext=entry.plaintext, limits=entry.limits)
+
+    def _detail(self, table: _Table, entry: _RuleEntry, request: Mapping[str, Any], guest: str) -> str:
+        if not entry.keys:
+            who = f" from guest {_show(guest)}" if entry.rule.guests is not None else ""
+            return f"rule matches any {table.protocol} request{who}"
+        parts = []
+        for check in entry.keys:
+            value = request[check.key]
+            shown = _show(value)
+            pat = check.index.explain(value, entry.bit) or "?"
+            kind = check.kind
+            if kind in (KeyKind.NAME, KeyKind.EMAIL, KeyKind.PATH):
+                text = f"{check.key} {shown} matches {_show(pat)}"
+                if check.key in entry.files and pat not in entry.inline.get(check.key, ()):
+                    text += f" (listed in {entry.files[check.key]})"
+            elif kind is KeyKind.CIDR:
+                text = f"{check.key} {shown} is in {pat}"
+            elif kind is KeyKind.OID:
+                text = f"{check.key} {shown} is in subtree {pat}"
+            else:
+                text = f"{check.key} {shown} is one of {_fmt_list(p.text for p in entry.rule.match[check.key])}"
+            parts.append(text)
+        return "; ".join(parts)
+
+    def _take_token(self, entry: _RuleEntry, guest: str) -> bool:
+        rate = entry.rule.rate
+        assert rate is not None
+        if guest not in self.guests:
+            guest = UNKNOWN_GUEST  # bounded state: one bucket per known guest
+        key = (entry.global_index, guest)
+        now = self.clock()
+        b = self._buckets.get(key)
+        if b is None:
+            self._buckets[key] = _Bucket(rate.count - 1.0, now)
+            return True
+        elapsed = now - b.last
+        if elapsed > 0:
+            b.tokens = min(float(rate.count), b.tokens + elapsed * rate.count / rate.period)
+            b.last = now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return True
+        return False
+
+    def named_by_rule(self, protocol: str, guest: str, key: str, value: Any) -> bool:
+        """True when an allow rule of `protocol` that applies to `guest` names `value` for `key`
+        explicitly: by an exact pattern or a subtree/suffix pattern ("*.example.com", 10.0.0.0/8),
+        not merely by a match-anything pattern ("*", 0.0.0.0/0) or by not constraining `key` at all.
+        Services use it for exemptions (DNS rebinding protection, SSRF checks)."""
+        table = self._tables.get(protocol)
+        if table is None:
+            raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
+        if key not in MATCH_KEYS[protocol]:
+            raise ValueError(f"{protocol} rules have no key {key!r}")
+        check = table.by_key.get(key)
+        if check is None or value is None:
+            return False
+        m = table.allow_mask & table.guest_masks.get(guest, table.unknown_mask)
+        return bool(m and check.index.lookup(value, explicit=True) & m)
+
+    def inherit_rate_state(self, old: Engine) -> None:
+        """After a reload, keep the token buckets of rules whose id and rate are unchanged, so a
+        SIGHUP does not hand every guest a fresh allowance."""
+        new_by_id = {r.id: r for r in self.policy.rules}
+        old_rules = old.policy.rules
+        for (index, guest), bucket in old._buckets.items():
+            orule = old_rules[index]
+            nrule = new_by_id.get(orule.id)
+            if nrule is not None and nrule.rate == orule.rate and guest in self.guests:
+                self._buckets[(nrule.index, guest)] = _Bucket(bucket.tokens, bucket.last)
+
+    def stats(self) -> dict[str, int]:
+        """Rule and indexed-name counts per protocol (for logs and /healthz)."""
+        out: dict[str, int] = {}
+        for protocol, table in self._tables.items():
+            out[f"{protocol}_rules"] = len(table.entries)
+            names = sum(len(c.index) for c in table.checks if isinstance(c.index, NameIndex))
+            if names:
+                out[f"{protocol}_names"] = names
+        return out
+

@@ -1,0 +1,394 @@
+"""Compiled indexes: one per (protocol, match key), answering "which rules does this value fit?".
+
+Every index maps a request value to a bit mask of rule positions (bit i = the protocol's i-th rule in
+file order), so the engine can AND the masks of all keys and take the lowest bit: first-match
+semantics with no linear scan of rules or patterns. Costs:
+  - `NameIndex`: one dict probe for the exact name plus one per label suffix (the per-suffix hash
+    walk); independent of how many names are indexed. Names are stored as plain `str` keys.
+  - `CidrIndex`: one dict probe per distinct prefix length present (at most 33 / 129).
+  - `OidIndex`: a trie of dicts keyed by arc, walked until the OID leaves the trie.
+  - `EmailIndex`: the domain goes through name indexes; local parts through dict probes.
+  - `PathIndex`: exact paths by dict; globs bucketed by their literal prefix, probed per prefix
+    length, and only the globs sharing the request's prefix run their regex.
+  - `SetIndex`: one dict probe (qtype, method, op, port, agent).
+Each index can also `explain(value, bit)`: which (canonical) pattern made rule `bit` fit, for the
+human detail; and `lookup(value, explicit=True)` leaves out match-anything patterns ("*", "/0") for
+`Engine.named_by_rule`.
+Owns: these data structures and the request-side normalisation of values.
+Must not: know rule order, actions, guests, rates or modes (see `policy.engine`); parse YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from policy.model import (
+    Cidr,
+    EmailPattern,
+    KeyKind,
+    Literal,
+    NameKind,
+    NamePattern,
+    OidPrefix,
+    PathGlob,
+    Pattern,
+    normalize_oid,
+)
+
+
+class Index(Protocol):
+    def add(self, pattern: Pattern, bit: int) -> None: ...
+    def lookup(self, value: Any, explicit: bool = False) -> int: ...
+    def explain(self, value: Any, bit: int) -> str | None: ...
+
+
+def _or_into(d: dict[Any, int], key: Any, bit: int) -> None:
+    # No `d.get(key, 0) | bit`: for large masks that allocates a new int per key (1M names = 1M ints).
+    old = d.get(key)
+    d[key] = bit if old is None else old | bit
+
+
+class NameIndex:
+    """Names: "x" exact, "*.x" strictly below x, "*" any. Case-insensitive, trailing dot ignored."""
+
+    __slots__ = ("exact", "below", "any")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, int] = {}
+        self.below: dict[str, int] = {}  # parent name -> rules with "*.parent"
+        self.any = 0
+
+    def add(self, pattern: Pattern, bit: int) -> None:
+        assert isinstance(pattern, NamePattern)
+        if pattern.kind is NameKind.ANY:
+            self.any |= bit
+        elif pattern.kind is NameKind.EXACT:
+            _or_into(self.exact, pattern.name, bit)
+        else:
+            _or_into(self.below, pattern.name, bit)
+
+    def add_names(self, exact: list[str], below: list[str], any_: bool, bit: int) -> None:
+        """Bulk add from a name file (already validated and lower-cased)."""
+        for d, names in ((self.exact, exact), (self.below, below)):
+            if not d:
+                d.update(dict.fromkeys(names, bit))
+                continue
+            get = d.get
+            for n in names:
+                old = get(n)
+                d[n] = bit if old is None else old | bit
+        if any_:
+            self.any |= bit
+
+    def lookup(self, value: str, explicit: bool = False) -> int:
+        v = value.lower()
+        if v[-1:] == ".":
+            v = v[:-1]
+        m = 0 if explicit else self.any
+        if self.exact:
+            m |= self.exact.get(v, 0)
+        below = self.below
+        if below:
+            get = below.get
+            i = v.find(".")
+            while i >= 0:
+                i += 1
+                m |= get(v[i:], 0)
+                i = v.find(".", i)
+        return m
+
+    def explain(self, value: str, bit: int) -> str | None:
+        v = value.lower().removesuffix(".")
+        if self.exact.get(v, 0) & bit:
+            return v
+        i = v.find(".")
+        while i >= 0:
+            i += 1
+            if self.below.get(v[i:], 0) & bit:
+                return "*." + v[i:]
+            i = v.find(".", i)
+        return "*" if self.any & bit else None
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.below)
+
+
+class SetIndex:
+    """Exact values after a normalisation (qtype/method upper-case, op lower-case, port as digits)."""
+
+    __slots__ = ("values", "norm")
+
+    def __init__(self, norm: Callable[[Any], str]) -> None:
+        self.values: dict[str, int] = {}
+        self.norm = norm
+
+    def add(self, pattern: Pattern, bit: int) -> None:
+        assert isinstance(pattern, Literal)
+        _or_into(self.values, pattern.value, bit)
+
+    def lookup(self, value: Any, explicit: bool = False) -> int:
+        return self.values.get(self.norm(value), 0)
+
+    def explain(self, value: Any, bit: int) -> str | None:
+        v = self.norm(value)
+        return v if self.values.get(v, 0) & bit else None
+
+
+def _port_norm(value: Any) -> str:
+    s = str(value).strip()
+    return str(int(s)) if s.isdigit() else s
+
+
+_NORMS: dict[KeyKind, Callable[[Any], str]] = {
+    KeyKind.QTYPE: lambda v: str(v).upper(),
+    KeyKind.METHOD: lambda v: str(v).upper(),
+    KeyKind.OP: lambda v: str(v).lower(),
+    KeyKind.PORT: _port_norm,
+    KeyKind.TEXT: lambda v: str(v).strip(),
+}
+
+
+def ip_to_int(value: str) -> tuple[int, int] | None:
+    """(version, integer) of an address string; IPv4-mapped IPv6 counts as IPv4. None if invalid."""
+    v = value.strip()
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, v), "big")
+    except OSError:
+        pass
+    try:
+        ip = ipaddress.IPv6Address(v)
+    except ValueError:
+        return None
+    if ip.ipv4_mapped is not None:
+        return 4, int(ip.ipv4_mapped)
+    return 6, int(ip)
+
+
+class CidrIndex:
+    """Networks by prefix length: {version: {prefixlen: {network >> (bits - prefixlen): mask}}}."""
+
+    __slots__ = ("tables",)
+
+    def __init__(self) -> None:
+        self.tables: dict[int, list[tuple[int, int, dict[int, int]]]] = {4: [], 6: []}
+
+    def add(self, pattern: Pattern, bit: int) -> None:
+        assert isinstance(pattern, Cidr)
+        net = pattern.network
+        bits = net.max_prefixlen
+        plen = net.prefixlen
+        rows = self.tables[net.version]
+        for row in rows:
+            if row[0] == plen:
+                _or_into(row[2], int(net.network_address) >> (bits - plen), bit)
+                return
+        rows.append((plen, bits - plen, {int(net.network_address) >> (bits - plen): bit}))
+        rows.sort()
+
+    def lookup(self, value: str, explicit: bool = False) -> int:
+        vi = ip_to_int(value)
+        if vi is None:
+            return 0
+        m = 0
+        for plen, shift, table in self.tables[vi[0]]:
+            if explicit and plen == 0:
+                continue
+            m |= table.get(vi[1] >> shift, 0)
+        return m
+
+    def explain(self, value: str, bit: int) -> str | None:
+        vi = ip_to_int(value)
+        if vi is None:
+            return None
+        for plen, shift, table in reversed(self.tables[vi[0]]):  # most specific first
+            if table.get(vi[1] >> shift, 0) & bit:
+                net = (vi[1] >> shift) << shift
+                return str(ipaddress.ip_network((net, plen))) if vi[0] == 4 else str(
+                    ipaddress.IPv6Network((net, plen)))
+        return None
+
+
+class OidIndex:
+    """OID subtrees as a trie of dicts keyed by arc; the key "" of a node holds its mask."""
+
+    __slots__ = ("root",)
+
+    def __init__(self) -> None:
+        self.root: dict[str, Any] = {}
+
+    def add(self, pattern: Pattern, bit: int) -> None:
+        assert isinstance(pattern, OidPrefix)
+        node = self.root
+        for arc in pattern.oid.split("."):
+            node = node.setdefault(arc, {})
+        node[""] = node.get("", 0) | bit
+
+    def lookup(self, value: str, explicit: bool = False) -> int:
+        node = self.root
+        m = 0
+        for arc in normalize_oid(value).split("."):
+            node = node.get(arc)
+            if node is None or not arc:
+                break
+            m |= node.get("", 0)
+        return m
+
+    def explain(self, value: str, bit: int) -> str | None:
+        node = self.root
+        found = None
+        arcs = normalize_oid(value).split(".")
+        for depth, arc in enumerate(arcs, 1):
+            node = node.get(arc)
+            if node is None or not arc:
+                break
+            if node.get("", 0) & bit:
+                found = ".".join(arcs[:depth])
+        return found
+
+
+def _bare_address(value: str) -> str:
+    v = value.strip().lower()
+    if v[:1] == "<" and v[-1:] == ">":
+        v = v[1:-1]
+    return v
+
+
+class EmailIndex:
+    """E-mail patterns: "*" any, "<>" null sender, "*@dom" / "local@dom" with dom a name pattern."""
+
+    __slots__ = ("any", "null", "any_local", "local_exact", "local_below", "local_anydom")
+
+    def __init__(self) -> None:
+        self.any = 0  # "*"
+        self.null = 0  # "<>"
+        self.any_local = NameIndex()  # "*@<name pattern>"
+        self.local_exact: dict[str, int] = {}  # "ops@partner.net"
+        self.local_below: dict[str, int] = {}  # "ops@*.example.com" stored as "ops@example.com"
+        self.local_anydom: dict[str, int] = {}  # "ops@*" stored as "ops"
+
+    def add(self, pattern: Pattern, bit: int) -> None:
+        assert isinstance(pattern, EmailPattern)
+        if pattern.null_sender:
+            self.null |= bit
+        elif pattern.domain is None:
+            self.any |= bit
+        elif pattern.local is None:
+            self.any_local.add(pattern.domain, bit)
+        elif pattern.domain.kind is NameKind.ANY:
+            _or_into(self.local_anydom, pattern.local, bit)
+        elif pattern.domain.kind is NameKind.EXACT:
+            _or_into(self.local_exact, f"{pattern.local}@{pattern.domain.name}", bit)
+        else:
+            _or_into(self.local_below, f"{pattern.local}@{pattern.domain.name}", bit)
+
+    def lookup(self, value: str, explicit: bool = False) -> int:
+        v = _bare_address(value)
+        m = 0 if explicit else self.any
+        if not v:
+            return m | self.null
+        if "@" not in v:
+            return m
+        local, _, dom = v.rpartition("@")
+        if dom[-1:] == ".":
+            dom = dom[:-1]
+        m |= self.any_local.lookup(dom, explicit)
+        if self.local_exact:
+            m |= self.local_exact.get(f"{local}@{dom}", 0)
+        if self.local_anydom:
+            m |= self.local_anydom.get(local, 0)
+        if self.local_below:
+            get = self.local_below.get
+            i = dom.find(".")
+            while i >= 0:
+                i += 1
+                m |= get(f"{local}@{dom[i:]}", 0)
+                i = dom.find(".", i)
+        return m
+
+    def explain(self, value: str, bit: int) -> str | None:
+        v = _bare_address(value)
+        if not v:
+            return "<>" if self.null & bit else ("*" if self.any & bit else None)
+        if "@" in v:
+            local, _, dom = v.rpartition("@")
+            dom = dom.removesuffix(".")
+            if self.local_exact.get(f"{local}@{dom}", 0) & bit:
+                return f"{local}@{dom}"
+            i = dom.find(".")
+            while i >= 0:
+                i += 1
+                if self.local_below.get(f"{local}@{dom[i:]}", 0) & bit:
+                    return f"{local}@*.{dom[i:]}"
+                i = dom.find(".", i)
+            if self.local_anydom.get(local, 0) & bit:
+                return f"{local}@*"
+            d = self.any_local.explain(dom, bit)
+            if d is not None:
+                return f"*@{d}"
+        return "*" if self.any & bit else None
+
+
+class PathIndex:
+    """Case-sensitive path globs ('*' = any run of characters, '/' included)."""
+
+    __slots__ = ("exact", "globs", "lengths", "anything")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, int] = {}
+        self.globs: dict[str, list[PathGlob | int]] = {}  # literal prefix -> [glob, bit, glob, bit...]
+        self.lengths: list[int] = []
+        self.anything = 0  # "*"
+
+    def add(self, pattern: Pattern, bit: int) -> None:
+        assert isinstance(pattern, PathGlob)
+        if not pattern.is_glob:
+            _or_into(self.exact, pattern.text, bit)
+        elif pattern.text == "*":
+            self.anything |= bit
+        else:
+            self.globs.setdefault(pattern.prefix, []).extend((pattern, bit))
+            self.lengths = sorted({len(p) for p in self.globs})
+
+    def lookup(self, value: str, explicit: bool = False) -> int:
+        m = self.exact.get(value, 0)
+        if not explicit:
+            m |= self.anything
+        if self.globs:
+            n = len(value)
+            for plen in self.lengths:
+                if plen > n:
+                    break
+                bucket = self.globs.get(value[:plen])
+                if bucket:
+                    for j in range(0, len(bucket), 2):
+                        glob = bucket[j]
+                        if glob.regex.fullmatch(value):  # type: ignore[union-attr]
+                            m |= bucket[j + 1]  # type: ignore[operator]
+        return m
+
+    def explain(self, value: str, bit: int) -> str | None:
+        if self.exact.get(value, 0) & bit:
+            return value
+        for plen in self.lengths:
+            for j in range(0, len(self.globs.get(value[:plen], ())), 2):
+                glob, b = self.globs[value[:plen]][j], self.globs[value[:plen]][j + 1]
+                if b & bit and glob.regex.fullmatch(value):  # type: ignore[union-attr,operator]
+                    return glob.text  # type: ignore[union-attr]
+        return "*" if self.anything & bit else None
+
+
+def new_index(kind: KeyKind) -> Index:
+    if kind is KeyKind.NAME:
+        return NameIndex()
+    if kind is KeyKind.EMAIL:
+        return EmailIndex()
+    if kind is KeyKind.PATH:
+        return PathIndex()
+    if kind is KeyKind.CIDR:
+        return CidrIndex()
+    if kind is KeyKind.OID:
+        return OidIndex()
+    return SetIndex(_NORMS[kind])
