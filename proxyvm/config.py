@@ -1,0 +1,556 @@
+"""The appliance configuration: one YAML file -> one frozen, typed `Config`.
+
+Owns: the top-level schema of DESIGN.md "Configuration file" (`guests`, `policy`, `audit`,
+`admin`, `gateway`, the protocol sections, plus `user` and `state_dir`), the built-in default
+config, the explicit table of protocol sections and which module parses each, and `load_all`,
+which loads config and policy together so every problem of both is reported in one go.
+Must not: parse a protocol's own section (each `protocols/<name>/settings.py` owns its schema),
+load the policy rules itself in `load_config` (see `load_all`), open sockets, create directories
+or files, or let a secret's content reach a repr, a message or a log line.
+
+Errors: every problem is located (`FILE:LINE:COL: message` + hint) and all problems found in one
+file are raised together as one `proxyvm.errors.ConfigError`.
+
+Defaults that depend on who runs the process (decided here, documented in the README):
+- audit path: `/var/log/proxyvm/audit.jsonl` as root; otherwise
+  `$XDG_STATE_HOME/proxyvm/audit.jsonl` (`~/.local/state/proxyvm/audit.jsonl`).
+- state_dir: `/var/lib/proxyvm` as root; otherwise `$XDG_STATE_HOME/proxyvm`.
+- user: `proxyvm` when that account exists on this machine, else None (no privilege drop).
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import os
+import pwd
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from policy.source import Node, Problem, SourceError, load_yaml
+from proxyvm.defaults import DEFAULT_CONFIG, DEFAULT_POLICY
+from proxyvm.errors import ConfigError
+from proxyvm.inventory import GUEST_NAME, UNKNOWN, Guest, normalise_address, normalise_mac
+
+if TYPE_CHECKING:
+    from policy import Engine
+
+__all__ = [
+    "SECTIONS",
+    "AdminSettings",
+    "AuditSettings",
+    "Config",
+    "GatewaySettings",
+    "Guest",
+    "default_audit_path",
+    "default_state_dir",
+    "default_user",
+    "load_all",
+    "load_config",
+]
+
+SECTIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "dns": "protocols.dns.settings",
+        "smtp": "protocols.smtp.settings",
+        "snmp": "protocols.snmp.settings",
+        "http": "protocols.http.settings",
+    }
+)
+"""Protocol section -> the module whose `parse(node: Node, base: Path) -> Settings` reads it.
+Registered explicitly: a section whose module is missing is reported, never silently skipped."""
+
+TOP_LEVEL_KEYS = frozenset({"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", *SECTIONS})
+
+DEFAULT_ROTATE_SIZE = 100 * 1000**2  # 100MB, as the size parser reads "100MB"
+DEFAULT_KEEP = 10
+DEFAULT_FWMARK = 0x7076  # "pv": marks guest UDP for TPROXY policy routing
+DEFAULT_ROUTE_TABLE = 7076
+DEFAULT_NFT_TABLE = "proxyvm"
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # Linux IFNAMSIZ is 16 including the NUL
+_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
+
+
+# -- values ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    path: Path
+    rotate_size: int = DEFAULT_ROTATE_SIZE  # bytes; the writer starts a new file past this
+    keep: int = DEFAULT_KEEP  # rotated files kept besides the current one
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: tuple[str, int] | None = None  # None: no admin endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """Transparent gateway mode (`proxyvm gateway-rules` / `gateway up|down`)."""
+
+    inside: str  # bridge-facing interface (guests)
+    outside: str  # interface toward the outside world
+    mark: int = DEFAULT_FWMARK  # fwmark on TPROXY'd packets; `ip rule fwmark MARK lookup TABLE`
+    table: int = DEFAULT_ROUTE_TABLE  # routing table holding `local 0.0.0.0/0 dev lo`
+    nft_table: str = DEFAULT_NFT_TABLE  # name of the nftables table the ruleset lives in
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str  # the file it was read from
+    guests: Mapping[str, Guest]
+    policy_path: Path | None  # None: the built-in allow-all policy (see `policy_file`)
+    audit: AuditSettings
+    admin: AdminSettings
+    gateway: GatewaySettings | None
+    user: str | None  # account to run as after binding (when started as root)
+    state_dir: Path
+    dns: Any = None  # protocols.dns.settings.DNSSettings, or None when off
+    smtp: Any = None
+    snmp: Any = None
+    http: Any = None
+    unavailable: tuple[str, ...] = ()  # built-in default only: sections this build cannot run yet
+    builtin: bool = False  # True when this is the built-in default (no -c)
+
+    @property
+    def policy_file(self) -> Path:
+        """The rules file to load: `policy:` or the built-in allow-all policy."""
+        return self.policy_path if self.policy_path is not None else DEFAULT_POLICY
+
+    @property
+    def guest_names(self) -> frozenset[str]:
+        return frozenset(self.guests)
+
+    def services(self) -> dict[str, Any]:
+        """Enabled protocol sections in SECTIONS order: {"dns": DNSSettings, ...}."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            settings = getattr(self, name)
+            if settings is not None:
+                out[name] = settings
+        return out
+
+
+# -- defaults that depend on the running user ---------------------------------------------------
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _user_state_home() -> Path:
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base / "proxyvm"
+
+
+def default_state_dir() -> Path:
+    return Path("/var/lib/proxyvm") if _is_root() else _user_state_home()
+
+
+def default_audit_path() -> Path:
+    return Path("/var/log/proxyvm/audit.jsonl") if _is_root() else _user_state_home() / "audit.jsonl"
+
+
+def default_user() -> str | None:
+    try:
+        pwd.getpwnam("proxyvm")
+    except KeyError:
+        return None
+    return "proxyvm"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+class _Problems:
+    """Collects problems from independent parts so one run reports them all."""
+
+    def __init__(self) -> None:
+        self.list: list[Problem] = []
+
+    def run(self, fn: Callable[[], T], fallback: T) -> T:
+        try:
+            return fn()
+        except SourceError as e:
+            self.list.extend(e.problems)
+            return fallback
+
+    def add(self, problem: Problem) -> None:
+        self.list.append(problem)
+
+
+def _key_node(parent: Node, key: str, value: Node) -> Node:
+    """A Node placed at `key:` itself (errors about a whole section point at its name)."""
+    lc = getattr(parent.value, "lc", None)
+    try:
+        line, col = lc.key(key)  # type: ignore[union-attr]
+    except (AttributeError, KeyError, TypeError):
+        return value
+    return Node(key, parent.file, line + 1, col + 1, parent.base)
+
+
+def listen_address(node: Node, what: str = "listen address") -> tuple[str, int]:
+    """"127.0.0.1:9700" / "[::1]:9700" -> (host, port); the host must be an IP literal (we bind
+    it, so a name would depend on a resolver the appliance may not have)."""
+    host, port = node.hostport(what=what)
+    if normalise_address(host) is None or "%" in host:
+        raise node.fail(
+            f"bad {what} {node.value!r}: {host!r} is not an IP address",
+            "write an address of this machine with a port, e.g. 127.0.0.1:9700 or [::1]:9700",
+        )
+    return host, port
+
+
+def _interface(node: Node, what: str) -> str:
+    name = node.str(what)
+    if not _IFNAME.match(name) or name in (".", ".."):
+        raise node.fail(
+            f"bad interface name {name!r} for {what}",
+            "Linux interface names are 1-15 letters, digits, '_', '.' or '-' (see `ip link`)",
+        )
+    return name
+
+
+# -- sections -----------------------------------------------------------------------------------
+def _parse_guests(node: Node, problems: _Problems) -> dict[str, Guest]:
+    entries = node.get_map(what="guests")
+    guests: dict[str, Guest] = {}
+    owner_of_address: dict[str, tuple[str, Node]] = {}
+    owner_of_mac: dict[str, tuple[str, Node]] = {}
+    for name, gnode in entries.items():
+        knode = _key_node(node, name, gnode)
+        if name == UNKNOWN:
+            problems.add(
+                knode.problem(
+                    "the guest name 'unknown' is reserved",
+                    "it names every source that is not listed; pick another name",
+                )
+            )
+            continue
+        if not GUEST_NAME.match(name):
+            problems.add(
+                knode.problem(
+                    f"bad guest name {name!r}",
+                    "use letters, digits, '_', '.' and '-', starting with a letter or digit (max 63)",
+                )
+            )
+            continue
+        parsed = problems.run(lambda n=name, g=gnode: _parse_guest(n, g), None)
+        if parsed is None:
+            continue
+        guest, anodes, mnode = parsed
+        # Duplicates across guests: reported at the later one, naming where the first is.
+        for addr, anode in zip(guest.addresses, anodes, strict=True):
+            prev = owner_of_address.get(addr)
+            if prev is not None:
+                problems.add(
+                    anode.problem(
+                        f"address {addr} is already guest '{prev[0]}' ({prev[1].file}:{prev[1].line})"
+                        if prev[0] != name
+                        else f"address {addr} is listed twice for guest '{name}'",
+                        "each source address identifies exactly one guest",
+                    )
+                )
+                continue
+            owner_of_address[addr] = (name, anode)
+        if guest.mac is not None and mnode is not None:
+            prev = owner_of_mac.get(guest.mac)
+            if prev is not None:
+                problems.add(
+                    mnode.problem(
+                        f"MAC {guest.mac} is already guest '{prev[0]}' ({prev[1].file}:{prev[1].line})",
+                        "each MAC address identifies exactly one guest",
+                    )
+                )
+            else:
+                owner_of_mac[guest.mac] = (name, mnode)
+        guests[name] = guest
+    return guests
+
+
+def _parse_guest(name: str, node: Node) -> tuple[Guest, list[Node], Node | None]:
+    """The guest, plus the nodes of its addresses and MAC (for duplicate reports)."""
+    fields = node.get_map(allowed={"addresses", "mac"}, required={"addresses"}, what=f"guest '{name}'")
+    anodes = fields["addresses"].get_list("IP addresses", allow_scalar=True)
+    if not anodes:
+        raise fields["addresses"].fail(f"guest '{name}' has no addresses", "list at least one IP address")
+    addresses: list[str] = []
+    good_nodes: list[Node] = []
+    problems: list[Problem] = []
+    for anode in anodes:
+        text = anode.str("IP address").strip()
+        addr = normalise_address(text) if "%" not in text else None
+        if addr is None:
+            hint = "write one address per entry, e.g. 198.18.0.10 or \"fd00::11\""
+            if "/" in text:
+                hint = "guests are single addresses, not networks: list each address"
+            elif "%" in text:
+                hint = f"write it without the zone: {text.split('%', 1)[0]}"
+            problems.append(anode.problem(f"bad IP address {text!r} for guest '{name}'", hint))
+            continue
+        ip_problem = _unusable_source(addr)
+        if ip_problem:
+            problems.append(anode.problem(f"address {addr} of guest '{name}' {ip_problem}"))
+            continue
+        addresses.append(addr)
+        good_nodes.append(anode)
+    mac: str | None = None
+    mnode: Node | None = None
+    if "mac" in fields:
+        mnode = fields["mac"]
+        text = mnode.str("MAC address")
+        mac = normalise_mac(text)
+        if mac is None:
+            problems.append(
+                mnode.problem(f"bad MAC address {text!r} for guest '{name}'", 'write six hex octets: "52:54:00:00:00:11"')
+            )
+    if problems:
+        raise SourceError(problems)
+    return Guest(name, tuple(addresses), mac), good_nodes, mnode
+
+
+def _unusable_source(addr: str) -> str:
+    ip = ipaddress.ip_address(addr)
+    if ip.is_unspecified:
+        return "is the unspecified address; no packet comes from it"
+    if ip.is_multicast:
+        return "is a multicast address; no packet comes from it"
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "is the broadcast address; no packet comes from it"
+    return ""
+
+
+def _parse_audit(node: Node) -> AuditSettings:
+    fields = node.get_map(allowed={"path", "rotate_size", "keep"}, what="audit")
+    path = fields["path"].path("audit path") if "path" in fields else default_audit_path()
+    rotate_size = DEFAULT_ROTATE_SIZE
+    if "rotate_size" in fields:
+        rnode = fields["rotate_size"]
+        rotate_size = rnode.size("audit rotate_size")
+        if rotate_size < 1000:
+            raise rnode.fail(
+                f"audit rotate_size must be at least 1KB, found {rnode.value!r}",
+                "one record is a few hundred bytes; use e.g. 100MB",
+            )
+    keep = fields["keep"].int(min=1, max=100_000, what="audit keep") if "keep" in fields else DEFAULT_KEEP
+    return AuditSettings(path, rotate_size, keep)
+
+
+def _parse_admin(node: Node) -> AdminSettings:
+    fields = node.get_map(allowed={"listen"}, required={"listen"}, what="admin")
+    return AdminSettings(listen_address(fields["listen"], "admin listen address"))
+
+
+def _parse_gateway(node: Node) -> GatewaySettings:
+    fields = node.get_map(
+        allowed={"inside", "outside", "mark", "table", "nft_table"}, required={"inside", "outside"}, what="gateway"
+    )
+    inside = _interface(fields["inside"], "gateway inside")
+    outside = _interface(fields["outside"], "gateway outside")
+    if inside == outside:
+        raise fields["outside"].fail(
+            f"gateway inside and outside are the same interface {inside!r}",
+            "inside faces the guests' bridge, outside faces the world",
+        )
+    mark = fields["mark"].int(min=1, max=0xFFFFFFFF, what="gateway mark") if "mark" in fields else DEFAULT_FWMARK
+    table = DEFAULT_ROUTE_TABLE
+    if "table" in fields:
+        tnode = fields["table"]
+        table = tnode.int(min=1, max=0xFFFFFFFF, what="gateway table")
+        if table in (253, 254, 255):
+            raise tnode.fail(
+                f"routing table {table} is reserved (default/main/local)", "pick another, e.g. 7076"
+            )
+    nft_table = DEFAULT_NFT_TABLE
+    if "nft_table" in fields:
+        nnode = fields["nft_table"]
+        nft_table = nnode.str("gateway nft_table")
+        if not re.match(r"^[A-Za-z][A-Za-z0-9_]{0,31}$", nft_table):
+            raise nnode.fail(f"bad nftables table name {nft_table!r}", "letters, digits and '_', e.g. proxyvm")
+    return GatewaySettings(inside, outside, mark, table, nft_table)
+
+
+def _parse_user(node: Node) -> str:
+    name = node.str("user")
+    if not _USERNAME.match(name):
+        raise node.fail(f"bad user name {name!r}")
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise node.fail(
+            f"user {name!r} does not exist on this machine",
+            f"create it (adduser --system --no-create-home {name}) or name an existing account",
+        ) from None
+    return name
+
+
+def _parse_policy_path(node: Node) -> Path:
+    path = node.path("policy file")
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise node.fail(
+            f"policy file {path} {what}",
+            "paths are relative to the config file; omit `policy:` for the built-in allow-all policy",
+        )
+    return path
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _section_parser(name: str) -> Callable[[Node, Path], Any]:
+    modname = SECTIONS[name]
+    try:
+        module = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        # Only the settings module (or its package) being absent means "not in this build";
+        # a missing dependency inside it is a broken build and must not be disguised.
+        if e.name is not None and (e.name == modname or modname.startswith(e.name + ".")):
+            raise _Unavailable(name) from None
+        raise
+    parse = getattr(module, "parse", None)
+    if not callable(parse):
+        raise _Unavailable(name)
+    return parse
+
+
+def _parse_section(name: str, key: Node, node: Node, base: Path) -> Any:
+    """Settings for one protocol section; `false` turns it off (None)."""
+    if node.value is False:
+        return None
+    try:
+        parse = _section_parser(name)
+    except _Unavailable:
+        raise key.fail(
+            f"the {name} service is not available in this build yet",
+            f"remove the '{name}' section (or set '{name}: false') until a build includes it",
+        ) from None
+    return parse(node, base)
+
+
+# -- entry points -------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Partial:
+    """What a load learned, even when it failed: enough to load the policy and report its
+    problems too."""
+
+    config: Config | None = None
+    problems: list[Problem] = field(default_factory=list)
+    policy_file: Path | None = None
+    guest_names: set[str] = field(default_factory=set)
+
+
+def _load(path: str | os.PathLike[str] | None) -> _Partial:
+    builtin = path is None
+    src = DEFAULT_CONFIG if builtin else Path(path)  # type: ignore[arg-type]
+    out = _Partial()
+    problems = _Problems()
+    try:
+        root = load_yaml(src, "config file")
+        # Messages keep the file name as the user wrote it; paths inside it become absolute so a
+        # service that changes directory (or drops privileges) still finds its files.
+        root.base = Path(os.path.abspath(root.base))
+        top = root.get_map(allowed=TOP_LEVEL_KEYS, what="the config file")
+    except SourceError as e:
+        out.problems = list(e.problems)
+        return out
+    base = root.base
+
+    guests: dict[str, Guest] = {}
+    if "guests" in top:
+        gnode = top["guests"]
+        if gnode.is_map():
+            out.guest_names = {k for k in gnode.value if isinstance(k, str) and k != UNKNOWN}
+        guests = problems.run(lambda: _parse_guests(gnode, problems), {})
+
+    policy_path: Path | None = None
+    out.policy_file = DEFAULT_POLICY
+    if "policy" in top:
+        policy_path = problems.run(lambda: _parse_policy_path(top["policy"]), None)
+        out.policy_file = policy_path
+
+    audit = problems.run(lambda: _parse_audit(top["audit"]), None) if "audit" in top else None
+    if audit is None:
+        audit = AuditSettings(default_audit_path())
+    admin = problems.run(lambda: _parse_admin(top["admin"]), None) if "admin" in top else None
+    admin = admin or AdminSettings()
+    gateway = problems.run(lambda: _parse_gateway(top["gateway"]), None) if "gateway" in top else None
+    user = problems.run(lambda: _parse_user(top["user"]), None) if "user" in top else default_user()
+    state_dir = (
+        problems.run(lambda: top["state_dir"].path("state_dir"), None) if "state_dir" in top else None
+    ) or default_state_dir()
+
+    sections: dict[str, Any] = {}
+    unavailable: list[str] = []
+    for name in SECTIONS:
+        if name not in top:
+            continue
+        node = top[name]
+        if builtin and node.value is not False:
+            try:
+                _section_parser(name)
+            except _Unavailable:
+                unavailable.append(name)
+                continue
+        key = _key_node(root, name, node)
+        sections[name] = problems.run(lambda n=name, k=key, v=node: _parse_section(n, k, v, base), None)
+
+    # Report in file order, whichever part found them (sorted() is stable for equal places).
+    out.problems = sorted(problems.list, key=lambda p: (p.file != root.file, p.file, p.line, p.col))
+    if out.problems:
+        return out
+    out.config = Config(
+        source=os.path.abspath(src),
+        guests=MappingProxyType(guests),
+        policy_path=policy_path,
+        audit=audit,
+        admin=admin,
+        gateway=gateway,
+        user=user,
+        state_dir=state_dir,
+        unavailable=tuple(unavailable),
+        builtin=builtin,
+        **sections,
+    )
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a config file (None: the built-in default). Does not load the policy:
+    use `load_all` for that. Raises `ConfigError` carrying every problem found."""
+    partial = _load(path)
+    if partial.config is None:
+        raise ConfigError(partial.problems)
+    return partial.config
+
+
+def load_all(
+    path: str | os.PathLike[str] | None, clock: Callable[[], float] | None = None
+) -> tuple[Config, Engine]:
+    """Config and policy together (what `check`, `run` and SIGHUP reload need). Raises one
+    `ConfigError` with every problem: the config's first, then the policy's. The policy is
+    loaded even when the config has problems (when its path is known), so one `proxyvm check`
+    shows everything."""
+    import time
+
+    from policy import load_policy
+
+    partial = _load(path)
+    problems = list(partial.problems)
+    engine = None
+    if partial.policy_file is not None:
+        kwargs: dict[str, Any] = {"guests": set(partial.guest_names)}
+        kwargs["clock"] = clock if clock is not None else time.monotonic
+        try:
+            engine = load_policy(partial.policy_file, **kwargs)
+        except SourceError as e:
+            problems.extend(e.problems)
+    if problems or partial.config is None or engine is None:
+        raise ConfigError(problems)
+    return partial.config, engine
