@@ -44,3 +44,32 @@ class Decision:
 
     def audit_fields(self) -> dict[str, str]:
         return {"verdict": str(self.verdict), "rule": self.rule, "at": self.at, "reason": self.detail}
+
+
+_FIELDS = ("verdict", "code", "rule", "at", "detail", "plaintext", "limits")
+if tuple(Decision.__dataclass_fields__) != _FIELDS:  # keep make_decision in step with the fields
+    raise ImportError("policy.decision.make_decision is out of date with Decision's fields")
+_SETTERS = tuple(Decision.__dict__[name].__set__ for name in _FIELDS)
+
+
+def make_decision(
+    verdict: Verdict,
+    code: ReasonCode,
+    rule: str,
+    at: str,
+    detail: str,
+    plaintext: bool = False,
+    limits: Mapping[str, int] = _EMPTY,
+) -> Decision:
+    """`Decision(...)` for the engine's hot path: the same frozen value, built about twice as fast
+    (the dataclass-generated frozen `__init__` goes through `object.__setattr__` per field)."""
+    d = object.__new__(Decision)
+    s = _SETTERS
+    s[0](d, verdict)
+    s[1](d, code)
+    s[2](d, rule)
+    s[3](d, at)
+    s[4](d, detail)
+    s[5](d, plaintext)
+    s[6](d, limits)
+    return d

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from policy.decision import Decision, ReasonCode, Verdict
+from policy.decision import Decision, ReasonCode, Verdict, make_decision
 from policy.matchers import Index, NameIndex, new_index
 from policy.model import MATCH_KEYS, PROTOCOLS, Action, KeyKind, Mode, NamePattern, Policy, Rule
 from policy.parser import UNKNOWN_GUEST, parse_policy, read_name_file
@@ -69,10 +69,10 @@ class _Bucket:
 class _RuleEntry:
     """What `decide` needs of a winning rule, precomputed."""
 
-    __slots__ = ("rule", "bit", "keys", "verdict", "monitor_verdict", "plaintext", "limits", "at",
-                 "inline", "files", "global_index")
+    __slots__ = ("rule", "bit", "keys", "explainers", "verdict", "monitor_verdict", "plaintext", "limits",
+                 "at", "global_index", "any_detail")
 
-    def __init__(self, rule: Rule, bit: int, keys: list[_KeyCheck], monitor: bool) -> None:
+    def __init__(self, rule: Rule, bit: int, keys: list[_KeyCheck], monitor: bool, protocol: str) -> None:
         self.rule = rule
         self.bit = bit
         self.keys = keys  # the keys this rule constrains, in schema order
@@ -83,19 +83,30 @@ class _RuleEntry:
         self.limits = rule.limits if allow and rule.limits else _NO_LIMITS
         self.at = rule.at
         self.global_index = rule.index
-        # canonical inline name patterns, to tell names written in the YAML from those in a file
-        self.inline: dict[str, frozenset[str]] = {
-            k: frozenset(p.text.strip().lower().removesuffix(".") for p in pats if isinstance(p, NamePattern))
-            for k, pats in rule.match.items()
-        }
-        self.files: dict[str, str] = {nf.key: nf.path.name for nf in rule.name_files}
+        self.any_detail = f"rule matches any {protocol} request"
+        # Per constrained key: (key, explain, kind, text between value and pattern, suffix, inline, file)
+        files = {nf.key: nf.path.name for nf in rule.name_files}
+        self.explainers: list[tuple[str, Callable[[Any, int], str | None], str, str, frozenset[str], str]] = []
+        for check in keys:
+            kind, key = check.kind, check.key
+            inline = frozenset(p.text.strip().lower().removesuffix(".")
+                               for p in rule.match.get(key, ()) if isinstance(p, NamePattern))
+            if kind in (KeyKind.NAME, KeyKind.EMAIL, KeyKind.PATH):
+                mid, suffix = " matches ", ""
+            elif kind is KeyKind.CIDR:
+                mid, suffix = " is in ", ""
+            elif kind is KeyKind.OID:
+                mid, suffix = " is in subtree ", ""
+            else:  # sets: the rule's own list reads better than the one value that matched
+                mid, suffix = "", " is one of " + _fmt_list(p.text for p in rule.match[key])
+            self.explainers.append((key, check.index.explain, mid, suffix, inline, files.get(key, "")))
 
 
 class _Table:
     """One protocol's compiled rules."""
 
     __slots__ = ("protocol", "entries", "checks", "guest_masks", "unknown_mask", "allow_mask",
-                 "default_decision", "by_key")
+                 "default_decision", "by_key", "fast")
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
@@ -106,6 +117,7 @@ class _Table:
         self.allow_mask = 0
         self.default_decision: Decision
         self.by_key: dict[str, _KeyCheck] = {}
+        self.fast: tuple[tuple[str, Callable[[Any], int], int], ...] = ()  # (key, lookup, free)
 
 
 class Engine:
@@ -167,10 +179,11 @@ class Engine:
                     del names
             checks.append(_KeyCheck(key, kind, index, every & ~cmask))
         table.checks = tuple(checks)
+        table.fast = tuple((c.key, c.index.lookup, c.free) for c in checks)
         table.by_key = {c.key: c for c in checks}
         for pos, r in enumerate(rules):
             keys = [c for c in checks if c.key in r.constrained_keys()]
-            table.entries.append(_RuleEntry(r, 1 << pos, keys, self._monitor))
+            table.entries.append(_RuleEntry(r, 1 << pos, keys, self._monitor, protocol))
             if r.action is Action.ALLOW:
                 table.allow_mask |= 1 << pos
         for guest in self.guests:
@@ -213,56 +226,50 @@ class Engine:
         if table is None:
             raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
         m = table.guest_masks.get(guest, table.unknown_mask)
-        for check in table.checks:
+        get = request.get
+        for key, lookup, free in table.fast:
             if not m:
                 break
-            value = request.get(check.key)
-            if value is None:
-                m &= check.free
-            else:
-                m &= check.index.lookup(value) | check.free
+            value = get(key)
+            m &= free if value is None else lookup(value) | free
         if not m:
             return table.default_decision
         entry = table.entries[(m & -m).bit_length() - 1]
-        detail = self._detail(table, entry, request, guest)
+        detail = self._detail(entry, request, guest)
         rule = entry.rule
         if rule.rate is not None and not self._take_token(entry, guest):
             verdict = entry.monitor_verdict
             let_through = verdict is Verdict.WOULD_DENY
-            return Decision(
+            return make_decision(
                 verdict, ReasonCode.RATE_LIMITED, rule.id, entry.at,
                 f"{detail}; over rate {rule.rate.text} for guest {_show(guest)}"
                 + ("; monitor mode: let through" if let_through else ""),
-                plaintext=entry.plaintext and let_through,
-                limits=entry.limits if let_through else _NO_LIMITS,
+                entry.plaintext and let_through,
+                entry.limits if let_through else _NO_LIMITS,
             )
         if entry.verdict is Verdict.WOULD_DENY:
             detail += "; monitor mode: would deny, let through"
-        return Decision(entry.verdict, ReasonCode.RULE, rule.id, entry.at, detail,
-                        plaintext=entry.plaintext, limits=entry.limits)
+        return make_decision(entry.verdict, ReasonCode.RULE, rule.id, entry.at, detail, entry.plaintext,
+                             entry.limits)
 
-    def _detail(self, table: _Table, entry: _RuleEntry, request: Mapping[str, Any], guest: str) -> str:
-        if not entry.keys:
-            who = f" from guest {_show(guest)}" if entry.rule.guests is not None else ""
-            return f"rule matches any {table.protocol} request{who}"
+    @staticmethod
+    def _detail(entry: _RuleEntry, request: Mapping[str, Any], guest: str) -> str:
         parts = []
-        for check in entry.keys:
-            value = request[check.key]
-            shown = _show(value)
-            pat = check.index.explain(value, entry.bit) or "?"
-            kind = check.kind
-            if kind in (KeyKind.NAME, KeyKind.EMAIL, KeyKind.PATH):
-                text = f"{check.key} {shown} matches {_show(pat)}"
-                if check.key in entry.files and pat not in entry.inline.get(check.key, ()):
-                    text += f" (listed in {entry.files[check.key]})"
-            elif kind is KeyKind.CIDR:
-                text = f"{check.key} {shown} is in {pat}"
-            elif kind is KeyKind.OID:
-                text = f"{check.key} {shown} is in subtree {pat}"
+        bit = entry.bit
+        for key, explain, mid, suffix, inline, file in entry.explainers:
+            value = request[key]
+            shown = value if type(value) is str and len(value) <= _SHOW_MAX and value.isprintable() else _show(value)
+            if suffix:
+                parts.append(f"{key} {shown}{suffix}")
+                continue
+            pat = explain(value, bit) or "?"
+            if file and pat not in inline:
+                parts.append(f"{key} {shown}{mid}{_show(pat)} (listed in {file})")
             else:
-                text = f"{check.key} {shown} is one of {_fmt_list(p.text for p in entry.rule.match[check.key])}"
-            parts.append(text)
-        return "; ".join(parts)
+                parts.append(f"{key} {shown}{mid}{_show(pat)}")
+        if not parts:
+            return entry.any_detail + (f" from guest {_show(guest)}" if entry.rule.guests is not None else "")
+        return parts[0] if len(parts) == 1 else "; ".join(parts)
 
     def _take_token(self, entry: _RuleEntry, guest: str) -> bool:
         rate = entry.rule.rate

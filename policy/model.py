@@ -113,17 +113,21 @@ def normalize_name(value: str) -> str:
     return value[:-1] if value.endswith(".") else value
 
 
-def check_name(name: str) -> str | None:
-    """Why `name` (lower-case, no trailing dot) is not a valid DNS name, or None."""
+def check_name(name: str) -> tuple[str, str] | None:
+    """Why `name` (lower-case, no trailing dot) is not a valid DNS name, with a hint; or None."""
     if len(name) > 253:
-        return "longer than 253 characters"
-    if not NAME_RE.fullmatch(name):
-        if ".." in name or name.startswith("."):
-            return "has an empty label"
-        if any(len(label) > 63 for label in name.split(".")):
-            return "has a label longer than 63 characters"
-        return "has a character that is not a letter, digit, '-' or '_' (write IDNs as xn--...)"
-    return None
+        return "longer than 253 characters", "DNS names are at most 253 characters"
+    if NAME_RE.fullmatch(name):
+        return None
+    labels = name.split(".")
+    if "" in labels:
+        return "has an empty label", "remove the doubled, leading or stray dot"
+    if any(len(label) > 63 for label in labels):
+        return "has a label longer than 63 characters", "DNS labels are at most 63 characters"
+    if any(label.startswith("-") or label.endswith("-") for label in labels):
+        return "has a label that starts or ends with '-'", "labels start and end with a letter or digit"
+    return ("has a character that is not a letter, digit, '-' or '_'",
+            "write internationalised names in their xn-- form; no spaces, '*' only as '*.name'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +159,9 @@ class NamePattern:
                 "write '*.example.com' for every name below example.com, 'example.com' for the name "
                 "itself, or '*' for any name",
             )
-        why = check_name(name) if name else "is empty"
+        why = check_name(name) if name else ("is empty", "write a name, '*.name' or '*'")
         if why:
-            raise ValueError(f"bad name pattern {text!r}: {why}", "")
+            raise ValueError(f"bad name pattern {text!r}: {why[0]}", why[1])
         return NamePattern(text, kind, name)
 
 

@@ -79,8 +79,40 @@ class _Problems:
             raise SourceError(self.items)
 
 
+_GENERIC_HINTS = (
+    ("invalid YAML: duplicate key", "each key may appear once in a mapping"),
+    ("invalid YAML", "check the indentation, quotes and brackets at and just before this place"),
+    ("expected a mapping for the policy file", "a rules file is a mapping with mode:, default: and rules:"),
+    ("expected a list of rules", "write each rule as a list item starting with '- id: ...'"),
+    ("missing required key", "every rule needs id, action (allow|deny) and protocol ("
+     + "|".join(PROTOCOLS) + ")"),
+    ("policy file is binary", "is this the rules file? It must be UTF-8 YAML text"),
+    ("policy file is not UTF-8", "save the file as UTF-8"),
+)
+
+
+def _hinted(problems: Iterable[Problem]) -> list[Problem]:
+    """Give every problem a one-line hint (the shared YAML layer leaves some without)."""
+    out = []
+    for p in problems:
+        if not p.hint:
+            for prefix, hint in _GENERIC_HINTS:
+                if p.message.startswith(prefix):
+                    p = Problem(p.file, p.line, p.col, p.message, hint)
+                    break
+        out.append(p)
+    return out
+
+
 def parse_policy(path: str | os.PathLike[str], guests: Iterable[str]) -> Policy:
     """Read and check a rules file. Raises `SourceError` with every problem found."""
+    try:
+        return _parse_policy(path, guests)
+    except SourceError as e:
+        raise SourceError(_hinted(e.problems)) from None
+
+
+def _parse_policy(path: str | os.PathLike[str], guests: Iterable[str]) -> Policy:
     root = load_yaml(path, what="policy file")
     known_guests = frozenset(guests) | {UNKNOWN_GUEST}
     problems = _Problems()
@@ -344,13 +376,14 @@ def read_name_file(nf: NameFile) -> NameList:
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
         col = nul - (data.rfind(b"\n", 0, nul) + 1) + 1
-        raise SourceError(Problem(name, line, col, "name file is binary (NUL byte), not text"))
+        raise SourceError(Problem(name, line, col, "name file is binary (NUL byte), not text",
+                                  "a name file is UTF-8 text, one name per line"))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise SourceError(Problem(name, line, col, "name file is not UTF-8 text")) from None
+        raise SourceError(Problem(name, line, col, "name file is not UTF-8 text", "save the file as UTF-8")) from None
     del data
     out = NameList()
     exact_append, below_append = out.exact.append, out.below.append
