@@ -389,15 +389,19 @@ def _parse_user(node: Node) -> str:
     return name
 
 
-def _parse_policy_path(node: Node) -> Path:
+def _parse_policy_path(node: Node, shown_base: Path) -> tuple[Path, Path]:
+    """(absolute path, the path as the user sees it from here): the second one names the file in
+    messages, so `proxyvm check -c etc/proxyvm.yaml` says `etc/rules.yaml:7:3: ...`."""
     path = node.path("policy file")
+    written = Path(node.str("policy file"))
+    shown = written if written.is_absolute() else shown_base / written
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise node.fail(
-            f"policy file {path} {what}",
+            f"policy file {shown} {what}",
             "paths are relative to the config file; omit `policy:` for the built-in allow-all policy",
         )
-    return path
+    return path, shown
 
 
 class _Unavailable(Exception):
@@ -442,7 +446,7 @@ class _Partial:
 
     config: Config | None = None
     problems: list[Problem] = field(default_factory=list)
-    policy_file: Path | None = None
+    policy_file: Path | None = None  # as shown in messages (relative when the config path was)
     guest_names: set[str] = field(default_factory=set)
 
 
@@ -472,8 +476,8 @@ def _load(path: str | os.PathLike[str] | None) -> _Partial:
     policy_path: Path | None = None
     out.policy_file = DEFAULT_POLICY
     if "policy" in top:
-        policy_path = problems.run(lambda: _parse_policy_path(top["policy"]), None)
-        out.policy_file = policy_path
+        paths = problems.run(lambda: _parse_policy_path(top["policy"], src.parent), None)
+        policy_path, out.policy_file = paths if paths is not None else (None, None)
 
     audit = problems.run(lambda: _parse_audit(top["audit"]), None) if "audit" in top else None
     if audit is None:
