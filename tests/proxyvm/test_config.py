@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -407,12 +409,13 @@ def test_other_bad_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_problems_in_several_sections_come_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("c.yaml").write_text("dns: {listen: [], upstream: []}\nadmin: {listen: nope}\nhttp: []\n")
-    lines = problems_of("c.yaml")
-    files_lines = [ln.split(": ", 1)[0] for ln in lines if not ln.startswith("  ")]
-    # dns (line 1), admin (line 2), http (line 3): all reported, config order kept per part.
-    assert any(x.startswith("c.yaml:1:") for x in files_lines)
-    assert any(x.startswith("c.yaml:2:") for x in files_lines)
-    assert any(x.startswith("c.yaml:3:") for x in files_lines)
+    assert problems_of("c.yaml") == [
+        "c.yaml:1:19: unknown key 'upstream' in dns",
+        "  hint: did you mean 'upstreams'?",
+        "c.yaml:2:17: admin listen address 'nope' needs a port",
+        "  hint: write it as nope:PORT",
+        "c.yaml:3:7: expected a mapping for http, found a list",
+    ]
 
 
 # -- secrets ----------------------------------------------------------------------------------------
@@ -526,3 +529,30 @@ def test_inventory_from_config(in_fixtures: Path) -> None:
     assert inv.lookup("127.0.2.20") == "lab1"
     assert inv.by_mac("52:54:00:00:00:11") == "mail1"
     assert inv.names == {"web1", "mail1", "lab1"}
+
+
+# -- through the real command: exit 1, the located lines, never a traceback ---------------------------
+CLI_CASES = ["typo_key.yaml", "wrong_type.yaml", "missing_secret.yaml", "garbage.yaml", "empty.yaml",
+             "binary.yaml", "bad_listen.yaml", "duplicate_address.yaml"]
+
+
+@pytest.mark.parametrize("fixture", CLI_CASES)
+def test_proxyvm_check_prints_located_problems_and_exits_1(fixture: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxyvm", "check", "-c", fixture],
+        cwd=FIXTURES, capture_output=True, text=True, timeout=60,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    for line in BAD_FIXTURES[fixture]:
+        assert line in out.splitlines(), (line, out)
+
+
+def test_proxyvm_check_unknown_guest_in_policy() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxyvm", "check", "-c", "unknown_guest.yaml"],
+        cwd=FIXTURES, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "unknown_guest_rules.yaml:7:20: unknown guest 'wbe2'" in (proc.stdout + proc.stderr).splitlines()
