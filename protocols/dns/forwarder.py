@@ -1,0 +1,280 @@
+"""The resolution core shared by the guest-facing service and the in-process Resolver.
+
+Owns: turning a cache miss into a guest-ready CacheEntry — one upstream query per key however many
+guests ask at once (stampede protection), DNSSEC validation through the seam in
+`protocols.dns.dnssec` (between the upstream pool and the cache), RRSIG/NSEC stripping for DO=0
+guests, TTL caps, negative caching (RFC 2308), the bad cache for bogus answers, and `fetch`, the
+DO+CD lookup the validator uses for DNSKEY/DS records.
+Must not: decide policy, touch guest sockets, or return data the validator called bogus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+from protocols.dns import wire
+from protocols.dns.cache import Cache, CacheEntry
+from protocols.dns.settings import DNSSettings
+from protocols.dns.upstream import PoolFailure, UpstreamAnswer, UpstreamFailure, UpstreamPool
+
+_DNSSEC_TYPES = frozenset({dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3})
+
+# Rebinding protection: answers pointing inside the guest's own networks. Listed explicitly
+# (not ipaddress.is_private, which also covers documentation and benchmarking ranges).
+_PRIVATE_NETS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.168.0.0/16", "::/128", "::1/128", "fe80::/10", "fc00::/7",
+    )
+)
+
+
+def is_private_ip(text: str) -> bool:
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == n.version and ip in n for n in _PRIVATE_NETS)
+
+
+class NoValidator(Exception):
+    """`dnssec: validate` is configured but the validator is not installed: fail closed."""
+
+
+def load_validator(settings: DNSSettings, fetch: Callable[..., Any], log: logging.Logger) -> Any:
+    """The DNSSEC validator (None when dnssec is off). Imported lazily: it lives in its own
+    package, `protocols.dns.dnssec`, with `make_validator(settings, fetch)`."""
+    if not settings.validate:
+        return None
+    try:
+        from protocols.dns.dnssec import make_validator  # type: ignore[attr-defined]
+    except ImportError as e:
+        log.error("dnssec: validate is configured but the validator is unavailable (%s): "
+                  "every answer will be SERVFAIL until it is installed", e)
+        return NoValidator()
+    return make_validator(settings, fetch)
+
+
+class Resolution(Exception):
+    """Raised by `Forwarder.resolve` when no answer can be produced (carries the EDE)."""
+
+    def __init__(self, ede: int, text: str, *, alarm: str = "", upstream: dict[str, Any] | None = None):
+        super().__init__(text)
+        self.ede = ede
+        self.text = text
+        self.alarm = alarm
+        self.upstream = upstream
+
+
+class Forwarder:
+    def __init__(
+        self, settings: DNSSettings, log: logging.Logger, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.clock = clock
+        self.cache = Cache(settings.cache.size, settings.cache.serve_stale)
+        self.pool = UpstreamPool(settings, log)
+        self.flights: dict[bytes, asyncio.Task[CacheEntry]] = {}
+        self._fetch_cache: OrderedDict[tuple[bytes, int], tuple[float, dns.message.Message]] = OrderedDict()
+        self._fetch_flights: dict[tuple[bytes, int], asyncio.Task[dns.message.Message]] = {}
+        self.validator = load_validator(settings, self.fetch, log)
+        self.upstream_queries = 0
+        self.coalesced = 0
+
+    # -- misses --------------------------------------------------------------------------------
+    async def resolve(self, key: bytes, qname: str, qtype: str) -> CacheEntry:
+        """The entry for `key` from upstream (caller already missed the cache). Concurrent
+        callers with the same key share one upstream query. Raises Resolution."""
+        task = self.flights.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._miss(key, qname, qtype))
+            self.flights[key] = task
+            task.add_done_callback(lambda t, k=key: self._landed(k, t))
+        else:
+            self.coalesced += 1
+        return await asyncio.shield(task)
+
+    def _landed(self, key: bytes, task: asyncio.Task[CacheEntry]) -> None:
+        if self.flights.get(key) is task:
+            del self.flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved; waiters get it through the shield
+
+    async def _miss(self, key: bytes, qname: str, qtype: str) -> CacheEntry:
+        s = self.settings
+        question, bits = key[:-1], key[-1]
+        g_edns, g_do, g_cd = bool(bits & wire.KEY_EDNS), bool(bits & wire.KEY_DO), bool(bits & wire.KEY_CD)
+        validate = self.validator is not None and not g_cd
+        loop = asyncio.get_running_loop()
+        self.upstream_queries += 1
+        try:
+            ans = await self.pool.query(
+                question, cd=s.validate or g_cd, do=s.validate or g_do, deadline=loop.time() + s.timeouts.query
+            )
+        except PoolFailure as e:
+            raise Resolution(e.ede, str(e), alarm=e.alarm) from None
+        try:
+            msg = dns.message.from_wire(ans.wire, ignore_trailing=True)
+        except Exception as e:  # noqa: BLE001 - any parse failure of upstream data
+            raise Resolution(wire.EDE_NETWORK_ERROR, f"malformed answer from upstream: {e}",
+                             upstream=ans.audit()) from None
+        status: str | None = None
+        vttl: int | None = None
+        if validate:
+            if isinstance(self.validator, NoValidator):
+                return self._servfail(key, qname, qtype, ans, "indeterminate", wire.EDE_OTHER,
+                                      "DNSSEC validator not installed")
+            qn = msg.question[0].name if msg.question else dns.name.from_wire(question, 0)[0]
+            try:
+                res = await self.validator.validate(qn, struct.unpack_from("!H", question, len(question) - 4)[0], msg)
+            except Exception as e:  # noqa: BLE001 - a validator crash must fail closed, not open
+                self.log.exception("dnssec validator failed for %s %s", qname, qtype)
+                return self._servfail(key, qname, qtype, ans, "indeterminate", wire.EDE_DNSSEC_BOGUS,
+                                      f"validator error: {e}")
+            status = res.status
+            if status in ("bogus", "indeterminate"):
+                ede = res.ede if res.ede is not None else wire.EDE_DNSSEC_BOGUS
+                return self._servfail(key, qname, qtype, ans, status, ede, res.reason)
+            vttl = res.ttl
+        return self._entry(key, qname, qtype, msg, ans, g_edns=g_edns, g_do=g_do, status=status, vttl=vttl)
+
+    def _servfail(
+        self, key: bytes, qname: str, qtype: str, ans: UpstreamAnswer, status: str, ede: int, reason: str
+    ) -> CacheEntry:
+        """A SERVFAIL entry for bogus data (the bad cache): remembered for `cache.bogus_ttl`."""
+        bits = key[-1]
+        head = struct.pack("!HBBHHHH", 0, wire.QR, wire.RA | wire.SERVFAIL, 1, 0, 0,
+                           1 if bits & wire.KEY_EDNS else 0)
+        w = head + key[:-1]
+        if bits & wire.KEY_EDNS:
+            w += wire.opt_rr(self.settings.edns_udp_size, bool(bits & wire.KEY_DO),
+                             wire.ede_option(ede, reason[:200]))
+        entry = CacheEntry(w, (), (), stored=self.clock(), lifetime=self.settings.cache.bogus_ttl,
+                           rcode=wire.SERVFAIL, qname=qname, qtype=qtype, status=status, ede=ede,
+                           upstream=ans.audit())
+        if self.settings.cache.bogus_ttl > 0:
+            self.cache.put(key, entry)
+        return entry
+
+    def _entry(
+        self, key: bytes, qname: str, qtype: str, msg: dns.message.Message, ans: UpstreamAnswer, *,
+        g_edns: bool, g_do: bool, status: str | None, vttl: int | None,
+    ) -> CacheEntry:
+        cs = self.settings.cache
+        rdtype = struct.unpack_from("!H", key, len(key) - 5)[0]
+        rcode = msg.rcode()
+        r = dns.message.Message(id=0)
+        r.flags = dns.flags.QR | dns.flags.RA
+        r.set_rcode(rcode)
+        r.question = list(msg.question)
+
+        def keep(rrset: Any, section: str) -> bool:
+            if g_do or rrset.rdtype not in _DNSSEC_TYPES:
+                return True
+            return section == "answer" and rrset.rdtype == rdtype  # asked for explicitly
+
+        r.answer = [x for x in msg.answer if keep(x, "answer")]
+        r.authority = [x for x in msg.authority if keep(x, "authority")]
+        r.additional = [x for x in msg.additional if keep(x, "additional")]
+        if g_edns:
+            r.use_edns(0, dns.flags.DO if g_do else 0, self.settings.edns_udp_size)
+        lifetime = 0
+        if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            if rcode == dns.rcode.NOERROR and r.answer:
+                lifetime = min(x.ttl for x in r.answer)
+                lifetime = max(cs.min_ttl, min(cs.max_ttl, lifetime))
+            else:
+                soa = next((x for x in r.authority if x.rdtype == dns.rdatatype.SOA), None)
+                if soa is not None:  # RFC 2308 §5: no SOA, no negative caching
+                    lifetime = min(soa.ttl, soa[0].minimum, cs.negative_max_ttl)
+                    soa.ttl = lifetime
+            if vttl is not None:
+                lifetime = min(lifetime, vttl)
+        for section in (r.answer, r.authority, r.additional):
+            for x in section:
+                x.ttl = max(cs.min_ttl, min(x.ttl, cs.max_ttl, lifetime if lifetime else x.ttl))
+        w = r.to_wire(max_size=65535)
+        offsets, _ = wire.scan(w)
+        ttls = tuple(struct.unpack_from("!I", w, o)[0] for o in offsets)
+        ips = tuple(
+            rd.address for x in r.answer if x.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in x
+        )
+        private = tuple(ip for ip in ips if is_private_ip(ip))
+        entry = CacheEntry(
+            w, tuple(offsets), ttls, stored=self.clock(), lifetime=lifetime, rcode=rcode, qname=qname,
+            qtype=qtype, status=status, answer_ips=ips, private_ips=private, upstream=ans.audit(),
+        )
+        if lifetime > 0:
+            self.cache.put(key, entry)
+        return entry
+
+    # -- the validator's lookups ---------------------------------------------------------------
+    async def fetch(self, qname: dns.name.Name, rdtype: int) -> dns.message.Message:
+        """A DO+CD lookup through the DoT pool, cached by TTL: what the validator uses to walk
+        DNSKEY and DS records. Raises PoolFailure when no upstream answers."""
+        wname = qname.canonicalize().to_wire()
+        fkey = (wname, int(rdtype))
+        now = self.clock()
+        hit = self._fetch_cache.get(fkey)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        task = self._fetch_flights.get(fkey)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(wname, int(rdtype)))
+            self._fetch_flights[fkey] = task
+            task.add_done_callback(lambda t, k=fkey: self._fetch_flights.pop(k, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, wname: bytes, rdtype: int) -> dns.message.Message:
+        loop = asyncio.get_running_loop()
+        question = wname + struct.pack("!HH", rdtype, dns.rdataclass.IN)
+        ans = await self.pool.query(question, cd=True, do=True, deadline=loop.time() + self.settings.timeouts.query)
+        msg = dns.message.from_wire(ans.wire, ignore_trailing=True)
+        ttls = [x.ttl for x in msg.answer] or [
+            min(x.ttl, x[0].minimum) for x in msg.authority if x.rdtype == dns.rdatatype.SOA
+        ]
+        ttl = min([*ttls, self.settings.cache.max_ttl]) if ttls else 0
+        if ttl > 0 and msg.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            self._fetch_cache[(wname, rdtype)] = (self.clock() + ttl, msg)
+            while len(self._fetch_cache) > 10_000:
+                self._fetch_cache.popitem(last=False)
+        return msg
+
+    def stale(self, key: bytes) -> CacheEntry | None:
+        return self.cache.get_stale(key, self.clock()) if self.settings.cache.serve_stale else None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "upstreams": self.pool.health(),
+            "cache_entries": len(self.cache),
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+            "upstream_queries": self.upstream_queries,
+            "coalesced": self.coalesced,
+            "dnssec": "off" if self.validator is None else
+            ("unavailable" if isinstance(self.validator, NoValidator) else "validate"),
+        }
+
+    async def close(self) -> None:
+        for t in list(self.flights.values()):
+            t.cancel()
+        await self.pool.close()
+
+
+__all__ = ["Forwarder", "Resolution", "UpstreamFailure", "is_private_ip"]

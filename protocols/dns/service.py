@@ -1,0 +1,497 @@
+"""The guest-facing DNS service: plain DNS over UDP and TCP in, DNS-over-TLS out.
+
+Owns: the listeners (UDP; TCP per RFC 7766 with pipelining, out-of-order answers and an idle
+timeout), the per-query pipeline (parse from bytes → policy decision → cache or Forwarder →
+answer checks: rebinding protection and `answer_ip` rules → patch ID/case/flags/TTLs → truncate for
+UDP), protocol-correct errors with Extended DNS Errors, per-guest bounds, and one audit record per
+query.
+Must not: parse hot-path packets with dnspython (cache hits are answered from bytes), talk to
+upstreams except through the Forwarder's DoT pool, or let one bad packet stop a listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import dns.rcode
+import dns.rdatatype
+
+from policy.decision import Decision, ReasonCode, Verdict
+from protocols.base import ServiceContext, audit_record
+from protocols.dns import wire
+from protocols.dns.cache import CacheEntry
+from protocols.dns.forwarder import Forwarder, Resolution
+from protocols.dns.settings import DNSSettings
+
+Send = Callable[[bytes | None], None]
+
+_AXFR, _IXFR, _ANY, _MAILB, _MAILA = 252, 251, 255, 253, 254
+_UDP_RCVBUF = 4 * 1024 * 1024
+_TCP_MAX_WRITE_BUFFER = 256 * 1024  # a guest that reads slower than this is disconnected
+
+
+def _builtin(verdict: Verdict, rule: str, detail: str) -> Decision:
+    """A decision the DNS service makes itself (protocol limits, rebinding protection)."""
+    return Decision(verdict, ReasonCode.RULE, rule, "dns", detail)
+
+
+_qtype_text: dict[int, str] = {}
+_rcode_text: dict[int, str] = {}
+
+
+def qtype_text(t: int) -> str:
+    s = _qtype_text.get(t)
+    if s is None:
+        s = dns.rdatatype.to_text(t)  # type: ignore[arg-type]
+        if len(_qtype_text) < 1024:
+            _qtype_text[t] = s
+    return s
+
+
+def rcode_text(r: int) -> str:
+    s = _rcode_text.get(r)
+    if s is None:
+        s = _rcode_text[r] = dns.rcode.to_text(r)  # type: ignore[arg-type]
+    return s
+
+
+def _engine_uses_answer_ip(engine: Any) -> bool:
+    """Whether any dns rule matches on answer_ip (so hits need a per-address decision)."""
+    try:
+        for rule in engine.rules:
+            if rule.protocol == "dns" and "answer_ip" in rule.constrained_keys():
+                return True
+        return False
+    except (AttributeError, TypeError):
+        return True  # unknown engine: ask, to be safe
+
+
+class _UDP(asyncio.DatagramProtocol):
+    def __init__(self, svc: DNSService) -> None:
+        self.svc = svc
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        t = self.transport
+        assert t is not None
+
+        def send(resp: bytes | None) -> None:
+            if resp is not None and not t.is_closing():
+                t.sendto(resp, addr)
+
+        try:
+            self.svc.handle(data, addr, send, False)
+        except Exception:  # one bad packet never stops a listener
+            self.svc.stats["internal_errors"] += 1
+            self.svc.log.exception("dns: unexpected error on a UDP query from %s", addr[0])
+
+    def error_received(self, exc: Exception) -> None:
+        self.svc.stats["udp_errors"] += 1
+
+
+class _TCP(asyncio.Protocol):
+    """One guest TCP connection: length-prefixed queries, answered as each completes."""
+
+    def __init__(self, svc: DNSService) -> None:
+        self.svc = svc
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.outstanding = 0
+        self.paused = False
+        self.guest = "unknown"
+        self.peer: tuple[Any, ...] = ("", 0)
+        self.idle: asyncio.TimerHandle | None = None
+        self.counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername") or ("", 0)
+        self.guest = self.svc.guest_of(self.peer[0])
+        svc = self.svc
+        if svc.tcp_per_guest[self.guest] >= svc.settings.limits.tcp_connections:
+            svc.stats["tcp_refused_limit"] += 1
+            transport.abort()
+            return
+        svc.tcp_per_guest[self.guest] += 1
+        svc.tcp_conns.add(self)
+        self.counted = True
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(self.svc.settings.timeouts.tcp_idle, self._idle_close)
+
+    def _idle_close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.svc.stats["tcp_idle_closed"] += 1
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if len(buf) > 2 + 65535 + 65535:
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        while len(buf) >= 2 and not self.paused:
+            ln = (buf[0] << 8) | buf[1]
+            if len(buf) < 2 + ln:
+                break
+            frame = bytes(buf[2 : 2 + ln])
+            del buf[: 2 + ln]
+            self._arm_idle()  # only whole queries keep a connection alive (slow-drip guests time out)
+            self.outstanding += 1
+            try:
+                self.svc.handle(frame, self.peer, self.send, True)
+            except Exception:
+                self.svc.stats["internal_errors"] += 1
+                self.svc.log.exception("dns: unexpected error on a TCP query from %s", self.peer[0])
+                self.send(None)
+            if self.outstanding >= self.svc.settings.limits.tcp_pipeline and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
+
+    def send(self, resp: bytes | None) -> None:
+        self.outstanding -= 1
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if resp is not None:
+            t.write(struct.pack("!H", len(resp)) + resp)
+            if t.get_write_buffer_size() > _TCP_MAX_WRITE_BUFFER:
+                self.svc.stats["tcp_slow_reader_closed"] += 1
+                t.abort()
+                return
+            self._arm_idle()
+        if self.paused and self.outstanding < self.svc.settings.limits.tcp_pipeline:
+            self.paused = False
+            t.resume_reading()
+            if self.buf:
+                self.data_received(b"")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        if self.counted:
+            self.counted = False
+            self.svc.tcp_per_guest[self.guest] -= 1
+            self.svc.tcp_conns.discard(self)
+
+
+class DNSService:
+    """Plain DNS from guests → policy → cache → DNSSEC-validated DoT upstreams."""
+
+    name: ClassVar[str] = "dns"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.settings: DNSSettings = ctx.settings if ctx.settings is not None else DNSSettings()
+        self.engine = ctx.engine
+        self.log = ctx.log
+        self.fw: Forwarder | None = None
+        self.transports: list[asyncio.DatagramTransport] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.tcp_conns: set[_TCP] = set()
+        self.tcp_per_guest: defaultdict[str, int] = defaultdict(int)
+        self.inflight_per_guest: defaultdict[str, int] = defaultdict(int)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._guests: dict[str, str] = {}
+        self._answer_ip = _engine_uses_answer_ip(ctx.engine)
+        self.stats: defaultdict[str, int] = defaultdict(int)
+        self.clock = time.monotonic
+        self.listening: list[str] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> list[str]:
+        loop = asyncio.get_running_loop()
+        self.fw = Forwarder(self.settings, self.log, clock=self.clock)
+        if self.settings.dnssec == "off":
+            self.log.warning("dns: DNSSEC validation is off (dnssec: off); answers are not validated")
+        out: list[str] = []
+        try:
+            for host, port in self.settings.listen:
+                fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(fam, socket.SOCK_DGRAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+                    sock.bind((host, port))
+                except OSError:
+                    sock.close()
+                    raise
+                port = sock.getsockname()[1]
+                t, _ = await loop.create_datagram_endpoint(lambda: _UDP(self), sock=sock)
+                self.transports.append(t)  # type: ignore[arg-type]
+                srv = await loop.create_server(lambda: _TCP(self), host, port, reuse_address=True, backlog=512)
+                self.servers.append(srv)
+                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                out += [f"udp {shown}", f"tcp {shown}"]
+        except OSError:
+            await self.drain(0)
+            raise
+        self.listening = out
+        self.log.info("dns: listening on %s; upstreams %s", ", ".join(out),
+                      ", ".join(f"{u.address} ({u.name})" for u in self.settings.upstreams))
+        return out
+
+    async def reload(self, settings: Any, engine: Any) -> None:
+        """Swap policy (always) and settings. Listeners stay; upstream/DNSSEC changes get a new
+        Forwarder while in-flight queries finish on the old one."""
+        self.engine = engine
+        self._answer_ip = _engine_uses_answer_ip(engine)
+        self._guests.clear()
+        if settings is None or settings == self.settings:
+            return
+        if settings.listen != self.settings.listen:
+            self.log.warning("dns: listen addresses changed; they take effect at the next restart")
+        old = self.fw
+        keep_cache = old is not None and settings.cache == self.settings.cache
+        self.settings = settings
+        if old is not None:
+            fw = Forwarder(settings, self.log, clock=self.clock)
+            if keep_cache and (settings.dnssec, settings.trust_anchors) == (old.settings.dnssec, old.settings.trust_anchors):
+                fw.cache = old.cache
+            self.fw = fw
+            asyncio.get_running_loop().call_later(settings.timeouts.query + 1, lambda: asyncio.ensure_future(old.close()))
+
+    async def drain(self, timeout: float) -> None:
+        for t in self.transports:
+            t.close()
+        for s in self.servers:
+            s.close()
+        if self.tasks and timeout > 0:
+            await asyncio.wait(list(self.tasks), timeout=timeout)
+        for c in list(self.tcp_conns):
+            if c.transport is not None:
+                c.transport.close()
+        for t in list(self.tasks):
+            t.cancel()
+        self.transports.clear()
+        self.servers.clear()
+        if self.fw is not None:
+            await self.fw.close()
+
+    def health(self) -> dict[str, Any]:
+        h: dict[str, Any] = {"state": "ok", "listening": self.listening, **self.stats}
+        if self.fw is not None:
+            h.update(self.fw.health())
+            if not any(u["state"] == "up" for u in h["upstreams"]) or h["dnssec"] == "unavailable":
+                h["state"] = "degraded"
+        h["tcp_connections"] = len(self.tcp_conns)
+        return h
+
+    # -- helpers -------------------------------------------------------------------------------
+    def guest_of(self, ip: str) -> str:
+        g = self._guests.get(ip)
+        if g is None:
+            g = self.ctx.guests.lookup(ip)
+            if len(self._guests) > 65536:
+                self._guests.clear()
+            self._guests[ip] = g
+        return g
+
+    def _audit(
+        self, d: Decision, guest: str, src: tuple[Any, ...], qname: str, qtype: str, t0: float, *,
+        rcode: int, upstream: dict[str, Any] | None = None, **extra: Any,
+    ) -> None:
+        dt = self.clock() - t0
+        rec = audit_record(
+            d, guest=guest, src=f"{src[0]}:{src[1]}", protocol="dns",
+            request={"qname": qname, "qtype": qtype}, upstream=upstream,
+            rcode=rcode_text(rcode), duration_ms=round(dt * 1000, 3), **extra,
+        )
+        self.ctx.audit.emit(rec)
+        obs = self.ctx.observe
+        if obs is not None:
+            obs("dns", guest, rec["verdict"], d.rule, dt)
+
+    # -- the query pipeline --------------------------------------------------------------------
+    def handle(self, data: bytes, src: tuple[Any, ...], send: Send, tcp: bool) -> None:
+        """Answer one guest query (synchronously for cache hits and errors)."""
+        t0 = self.clock()
+        st = self.stats
+        st["queries"] += 1
+        try:
+            q = wire.parse_query(data)
+        except wire.Malformed:
+            st["dropped_malformed"] += 1
+            send(None)
+            return
+        except wire.FormErr:
+            st["formerr"] += 1
+            send(wire.error_response(data, None, wire.FORMERR))
+            return
+        if q.opcode != 0:
+            st["notimp"] += 1
+            send(wire.error_response(data, q, wire.NOTIMP, udp_size=self.settings.edns_udp_size))
+            return
+        guest = self.guest_of(src[0])
+        fw = self.fw
+        assert fw is not None
+        entry = fw.cache.get(q.key, t0)
+        if entry is not None:
+            qname, qtype = entry.qname, entry.qtype
+        else:
+            qname, qtype = wire.qname_text(q.qname), qtype_text(q.qtype)
+        if q.qclass != 1 or q.qtype in (_AXFR, _IXFR, _MAILA, _MAILB):
+            what = "zone transfers" if q.qtype in (_AXFR, _IXFR) else "this query class/type"
+            d = _builtin(Verdict.DENY, "dns-builtin", f"{what} are not served by this proxy")
+            self._refuse(data, q, d, guest, src, qname, qtype, t0, send, wire.EDE_NOT_SUPPORTED, f"{qtype} not supported")
+            return
+        try:
+            d = self.engine.decide("dns", guest, {"qname": qname, "qtype": qtype})
+        except Exception:
+            self.log.exception("dns: policy engine failed for %s %s; failing closed", qname, qtype)
+            st["policy_errors"] += 1
+            send(wire.error_response(data, q, wire.SERVFAIL, wire.EDE_OTHER, "policy error",
+                                     self.settings.edns_udp_size))
+            return
+        if not d.allowed:
+            if d.code == ReasonCode.RATE_LIMITED:
+                st["rate_limited"] += 1
+                self._refuse(data, q, d, guest, src, qname, qtype, t0, send, wire.EDE_PROHIBITED,
+                             f"rate limit, rule {d.rule}")
+            else:
+                st["denied"] += 1
+                self._refuse(data, q, d, guest, src, qname, qtype, t0, send, wire.EDE_BLOCKED, d.rule)
+            return
+        if q.qtype == _ANY:
+            self._any(data, q, d, guest, src, qname, qtype, t0, send)
+            return
+        if entry is not None:
+            self._answer(data, q, entry, d, guest, src, t0, send, tcp, "hit")
+            return
+        if self.inflight_per_guest[guest] >= self.settings.limits.inflight:
+            st["inflight_limited"] += 1
+            lim = _builtin(Verdict.DENY, "dns-builtin", f"guest {guest} has {self.settings.limits.inflight} queries in flight")
+            self._refuse(data, q, lim, guest, src, qname, qtype, t0, send, wire.EDE_PROHIBITED, "per-guest in-flight limit")
+            return
+        self.inflight_per_guest[guest] += 1
+        task = asyncio.get_running_loop().create_task(
+            self._miss(fw, data, q, d, guest, src, qname, qtype, t0, send, tcp)
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _refuse(
+        self, data: bytes, q: wire.Query, d: Decision, guest: str, src: tuple[Any, ...], qname: str, qtype: str,
+        t0: float, send: Send, ede: int, text: str,
+    ) -> None:
+        send(wire.error_response(data, q, wire.REFUSED, ede, text, self.settings.edns_udp_size))
+        self._audit(d, guest, src, qname, qtype, t0, rcode=wire.REFUSED, ede=ede)
+
+    def _any(
+        self, data: bytes, q: wire.Query, d: Decision, guest: str, src: tuple[Any, ...], qname: str, qtype: str,
+        t0: float, send: Send,
+    ) -> None:
+        """RFC 8482 §4.2: a minimal synthesized HINFO answer to ANY."""
+        head = struct.pack("!HBBHHHH", q.id, wire.QR | (q.b2 & wire.RD), wire.RA | (q.b3 & wire.CD), 1, 1, 0,
+                           1 if q.edns else 0)
+        rdata = b"\x07RFC8482\x00"
+        rr = b"\xc0\x0c" + struct.pack("!HHIH", 13, 1, 3600, len(rdata)) + rdata
+        out = head + data[12 : q.qend] + rr
+        if q.edns:
+            out += wire.opt_rr(self.settings.edns_udp_size, q.do)
+        send(out)
+        self._audit(d, guest, src, qname, qtype, t0, rcode=wire.NOERROR, cache="synthesized")
+
+    def _check_answer(self, entry: CacheEntry, guest: str, qname: str, qtype: str) -> tuple[Decision, str] | None:
+        """answer_ip rules and rebinding protection: the decision that blocks this answer."""
+        if entry.answer_ips and self._answer_ip:
+            for ip in entry.answer_ips:
+                d = self.engine.decide("dns", guest, {"qname": qname, "qtype": qtype, "answer_ip": ip})
+                if d.verdict is not Verdict.ALLOW:
+                    return d, d.rule
+        if entry.private_ips and self.settings.rebinding_protection:
+            if not self.engine.named_by_rule("dns", guest, "qname", qname):
+                monitor = str(getattr(self.engine, "mode", "enforce")) == "monitor"
+                ips = ", ".join(entry.private_ips[:4])
+                d = _builtin(
+                    Verdict.WOULD_DENY if monitor else Verdict.DENY, "rebinding-protection",
+                    f"answer for {qname} points into a private range ({ips}) and no rule names {qname}",
+                )
+                return d, "rebinding protection"
+        return None
+
+    def _answer(
+        self, data: bytes, q: wire.Query, entry: CacheEntry, d: Decision, guest: str, src: tuple[Any, ...],
+        t0: float, send: Send, tcp: bool, how: str, stale: bool = False,
+    ) -> None:
+        if entry.answer_ips:
+            blocked = self._check_answer(entry, guest, entry.qname, entry.qtype)
+            if blocked is not None:
+                bd, text = blocked
+                if bd.verdict is Verdict.DENY:
+                    self.stats["answers_blocked"] += 1
+                    send(wire.error_response(data, q, wire.REFUSED, wire.EDE_BLOCKED, text, self.settings.edns_udp_size))
+                    self._audit(bd, guest, src, entry.qname, entry.qtype, t0, rcode=wire.REFUSED,
+                                upstream=entry.upstream, cache=how, ede=wire.EDE_BLOCKED)
+                    return
+                d = bd  # monitor mode: audited as would_deny, answered normally
+        if stale:
+            w = wire.add_ede(entry.stale_wire(self.settings.cache.stale_answer_ttl), wire.EDE_STALE_ANSWER)
+        else:
+            w = entry.wire_at(t0)
+        buf = bytearray(w)
+        buf[0] = q.id >> 8
+        buf[1] = q.id & 0xFF
+        buf[2] = wire.QR | (q.b2 & wire.RD)
+        ad = wire.AD if entry.status == "secure" and (q.do or q.b3 & wire.AD) and not q.b3 & wire.CD else 0
+        buf[3] = (w[3] & 0x8F) | ad | (q.b3 & wire.CD)
+        ql = len(q.qname)
+        buf[12 : 12 + ql] = q.qname
+        if not tcp:
+            limit = min(q.udp_size, self.settings.edns_udp_size) if q.edns else 512
+            if len(buf) > limit:
+                self.stats["truncated"] += 1
+                send(wire.truncated(data, q, self.settings.edns_udp_size))
+                self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
+                            upstream=entry.upstream, cache=how, truncated=True)
+                return
+        send(bytes(buf))
+        if entry.status is not None:
+            self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
+                        upstream=entry.upstream, cache=how, dnssec=entry.status)
+        else:
+            self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
+                        upstream=entry.upstream, cache=how)
+
+    async def _miss(
+        self, fw: Forwarder, data: bytes, q: wire.Query, d: Decision, guest: str, src: tuple[Any, ...],
+        qname: str, qtype: str, t0: float, send: Send, tcp: bool,
+    ) -> None:
+        try:
+            try:
+                entry = await fw.resolve(q.key, qname, qtype)
+            except Resolution as r:
+                stale = fw.stale(q.key)
+                if stale is not None:
+                    self.stats["served_stale"] += 1
+                    self._answer(data, q, stale, d, guest, src, t0, send, tcp, "stale", stale=True)
+                    return
+                self.stats["servfail"] += 1
+                send(wire.error_response(data, q, wire.SERVFAIL, r.ede, r.text[:200], self.settings.edns_udp_size))
+                extra: dict[str, Any] = {"ede": r.ede, "error": r.text}
+                if r.alarm:
+                    extra["alarm"] = f"upstream authentication failed: {r.alarm}"
+                self._audit(d, guest, src, qname, qtype, t0, rcode=wire.SERVFAIL, upstream=r.upstream, **extra)
+                return
+            self._answer(data, q, entry, d, guest, src, t0, send, tcp, "miss")
+        except asyncio.CancelledError:
+            send(None)
+            raise
+        except Exception:
+            self.stats["internal_errors"] += 1
+            self.log.exception("dns: unexpected error resolving %s %s", qname, qtype)
+            send(wire.error_response(data, q, wire.SERVFAIL, wire.EDE_OTHER, "internal error",
+                                     self.settings.edns_udp_size))
+        finally:
+            self.inflight_per_guest[guest] -= 1
