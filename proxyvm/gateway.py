@@ -123,6 +123,14 @@ def render_nft(config: Any) -> str:
                 f'\t\tiifname "{inside}" ip protocol udp udp dport {s.guest_port} '
                 f"tproxy ip to {s.to[0]}:{s.to[1]} meta mark set {mark:#x} accept"
             )
+    tcp_steered = {s.guest_port for s in steer if s.proto == "tcp"}
+    if tcp_steered:
+        lines.append(f'\t\tiifname "{inside}" ip protocol tcp tcp dport {_set(tcp_steered)} accept')
+    # Whatever is not for the proxy itself would be routed: drop and count it here, whether or not
+    # ip_forward is on (with it off the kernel would drop it silently, uncounted).
+    lines.append(
+        f'\t\tiifname "{inside}" fib daddr type != {{ local, broadcast, multicast }} counter name guest_dropped drop'
+    )
     lines += [
         "\t}",
         "",
