@@ -31,7 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from policy.source import Node, Problem, SourceError, load_yaml
+from policy.source import Node, Problem, SourceError, load_yaml, suggest
 from proxyvm.defaults import DEFAULT_CONFIG, DEFAULT_POLICY
 from proxyvm.errors import ConfigError
 from proxyvm.inventory import GUEST_NAME, UNKNOWN, Guest, normalise_address, normalise_mac
@@ -141,18 +141,22 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+def _root(as_root: bool | None) -> bool:
+    return _is_root() if as_root is None else as_root
+
+
 def _user_state_home() -> Path:
     xdg = os.environ.get("XDG_STATE_HOME", "")
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
     return base / "proxyvm"
 
 
-def default_state_dir() -> Path:
-    return Path("/var/lib/proxyvm") if _is_root() else _user_state_home()
+def default_state_dir(as_root: bool | None = None) -> Path:
+    return Path("/var/lib/proxyvm") if _root(as_root) else _user_state_home()
 
 
-def default_audit_path() -> Path:
-    return Path("/var/log/proxyvm/audit.jsonl") if _is_root() else _user_state_home() / "audit.jsonl"
+def default_audit_path(as_root: bool | None = None) -> Path:
+    return Path("/var/log/proxyvm/audit.jsonl") if _root(as_root) else _user_state_home() / "audit.jsonl"
 
 
 def default_user() -> str | None:
@@ -325,9 +329,9 @@ def _unusable_source(addr: str) -> str:
     return ""
 
 
-def _parse_audit(node: Node) -> AuditSettings:
+def _parse_audit(node: Node, as_root: bool) -> AuditSettings:
     fields = node.get_map(allowed={"path", "rotate_size", "keep"}, what="audit")
-    path = fields["path"].path("audit path") if "path" in fields else default_audit_path()
+    path = fields["path"].path("audit path") if "path" in fields else default_audit_path(as_root)
     rotate_size = DEFAULT_ROTATE_SIZE
     if "rotate_size" in fields:
         rnode = fields["rotate_size"]
@@ -450,9 +454,10 @@ class _Partial:
     guest_names: set[str] = field(default_factory=set)
 
 
-def _load(path: str | os.PathLike[str] | None) -> _Partial:
+def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial:
     builtin = path is None
     src = DEFAULT_CONFIG if builtin else Path(path)  # type: ignore[arg-type]
+    privileged = _root(as_root)
     out = _Partial()
     problems = _Problems()
     try:
@@ -460,11 +465,26 @@ def _load(path: str | os.PathLike[str] | None) -> _Partial:
         # Messages keep the file name as the user wrote it; paths inside it become absolute so a
         # service that changes directory (or drops privileges) still finds its files.
         root.base = Path(os.path.abspath(root.base))
-        top = root.get_map(allowed=TOP_LEVEL_KEYS, what="the config file")
+        everything = root.get_map(what="the config file")
     except SourceError as e:
         out.problems = list(e.problems)
         return out
     base = root.base
+    # Unknown top-level keys are fatal, but the known ones are still checked so one run shows
+    # every problem.
+    top: dict[str, Node] = {}
+    unknown_keys = False
+    for key, value in everything.items():
+        if key in TOP_LEVEL_KEYS:
+            top[key] = value
+            continue
+        unknown_keys = True
+        problems.add(
+            _key_node(root, key, value).problem(
+                f"unknown key '{key}' in the config file",
+                suggest(key, TOP_LEVEL_KEYS) or "allowed keys: " + ", ".join(sorted(TOP_LEVEL_KEYS)),
+            )
+        )
 
     guests: dict[str, Guest] = {}
     if "guests" in top:
@@ -474,21 +494,22 @@ def _load(path: str | os.PathLike[str] | None) -> _Partial:
         guests = problems.run(lambda: _parse_guests(gnode, problems), {})
 
     policy_path: Path | None = None
-    out.policy_file = DEFAULT_POLICY
+    # A misspelt `policy:` must not get the allow-all default checked in its place.
+    out.policy_file = None if unknown_keys else DEFAULT_POLICY
     if "policy" in top:
         paths = problems.run(lambda: _parse_policy_path(top["policy"], src.parent), None)
         policy_path, out.policy_file = paths if paths is not None else (None, None)
 
-    audit = problems.run(lambda: _parse_audit(top["audit"]), None) if "audit" in top else None
+    audit = problems.run(lambda: _parse_audit(top["audit"], privileged), None) if "audit" in top else None
     if audit is None:
-        audit = AuditSettings(default_audit_path())
+        audit = AuditSettings(default_audit_path(privileged))
     admin = problems.run(lambda: _parse_admin(top["admin"]), None) if "admin" in top else None
     admin = admin or AdminSettings()
     gateway = problems.run(lambda: _parse_gateway(top["gateway"]), None) if "gateway" in top else None
     user = problems.run(lambda: _parse_user(top["user"]), None) if "user" in top else default_user()
     state_dir = (
         problems.run(lambda: top["state_dir"].path("state_dir"), None) if "state_dir" in top else None
-    ) or default_state_dir()
+    ) or default_state_dir(privileged)
 
     sections: dict[str, Any] = {}
     unavailable: list[str] = []
@@ -525,32 +546,38 @@ def _load(path: str | os.PathLike[str] | None) -> _Partial:
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
+def load_config(path: str | os.PathLike[str] | None, *, as_root: bool | None = None) -> Config:
     """Read and validate a config file (None: the built-in default). Does not load the policy:
-    use `load_all` for that. Raises `ConfigError` carrying every problem found."""
-    partial = _load(path)
+    use `load_all` for that. Raises `ConfigError` carrying every problem found.
+
+    `as_root` picks the defaults that depend on privilege (audit path, state_dir); None means
+    "this process runs as root now". A worker that re-reads the config after dropping
+    privileges passes True so its defaults match the supervisor's."""
+    partial = _load(path, as_root)
     if partial.config is None:
         raise ConfigError(partial.problems)
     return partial.config
 
 
 def load_all(
-    path: str | os.PathLike[str] | None, clock: Callable[[], float] | None = None
+    path: str | os.PathLike[str] | None,
+    *,
+    clock: Callable[[], float] | None = None,
+    as_root: bool | None = None,
 ) -> tuple[Config, Engine]:
     """Config and policy together (what `check`, `run` and SIGHUP reload need). Raises one
     `ConfigError` with every problem: the config's first, then the policy's. The policy is
     loaded even when the config has problems (when its path is known), so one `proxyvm check`
-    shows everything."""
-    import time
-
+    shows everything. `clock` goes to the engine's rate limiter (default: its own)."""
     from policy import load_policy
 
-    partial = _load(path)
+    partial = _load(path, as_root)
     problems = list(partial.problems)
     engine = None
     if partial.policy_file is not None:
-        kwargs: dict[str, Any] = {"guests": set(partial.guest_names)}
-        kwargs["clock"] = clock if clock is not None else time.monotonic
+        kwargs: dict[str, Any] = {"guests": frozenset(partial.guest_names)}
+        if clock is not None:
+            kwargs["clock"] = clock
         try:
             engine = load_policy(partial.policy_file, **kwargs)
         except SourceError as e:

@@ -114,6 +114,21 @@ def test_non_root_defaults_are_user_writable(tmp_path: Path, monkeypatch: pytest
     assert cfg.audit.path == tmp_path / "home" / ".local" / "state" / "proxyvm" / "audit.jsonl"
 
 
+def test_as_root_pins_privilege_dependent_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker re-reading the config after dropping privileges must get the supervisor's paths."""
+    path = tmp_path / "c.yaml"
+    path.write_text("guests: {}\n")
+    monkeypatch.setattr(config_mod, "_is_root", lambda: False)
+    cfg = load_config(path, as_root=True)
+    assert cfg.audit.path == Path("/var/log/proxyvm/audit.jsonl")
+    assert cfg.state_dir == Path("/var/lib/proxyvm")
+    monkeypatch.setattr(config_mod, "_is_root", lambda: True)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    cfg, _engine = load_all(path, as_root=False)
+    assert cfg.audit.path == tmp_path / "xdg" / "proxyvm" / "audit.jsonl"
+    assert cfg.state_dir == tmp_path / "xdg" / "proxyvm"
+
+
 def test_user_default_follows_the_proxyvm_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("guests: {}\n")
@@ -467,11 +482,13 @@ def test_missing_secret_is_reported_with_every_other_problem(tmp_path: Path, mon
         "smtp:\n  relay:\n    host: smtp.example.org\n    auth: {username: r, password_file: /nonexistent/pw}\n"
         "polcy: x\n"
     )
-    lines = problems_of("c.yaml")
-    assert lines == [
+    # An unknown top-level key is fatal, and the known keys are still checked: one run, all problems.
+    assert problems_of("c.yaml") == [
+        "c.yaml:4:40: smtp.relay.auth.password_file file /nonexistent/pw does not exist",
+        "  hint: create it (mode 0600) or fix the path",
         "c.yaml:5:1: unknown key 'polcy' in the config file",
         "  hint: did you mean 'policy'?",
-    ]  # unknown top-level keys stop the load: nothing else is trusted to mean what it says
+    ]
     Path("c.yaml").write_text(
         "smtp:\n  relay:\n    host: smtp.example.org\n    auth: {username: r, password_file: /nonexistent/pw}\n"
         "admin: {listen: x}\n"
@@ -556,3 +573,24 @@ def test_proxyvm_check_unknown_guest_in_policy() -> None:
     )
     assert proc.returncode == 1
     assert "unknown_guest_rules.yaml:7:20: unknown guest 'wbe2'" in (proc.stdout + proc.stderr).splitlines()
+
+
+def test_misspelt_policy_key_does_not_check_the_default_in_its_place(
+    in_fixtures: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import policy
+
+    loaded: list[object] = []
+    real = policy.load_policy
+
+    def spy(path: object, **kw: object) -> object:
+        loaded.append(path)
+        return real(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(policy, "load_policy", spy)
+    with pytest.raises(ConfigError) as info:
+        load_all("typo_key.yaml")
+    assert info.value.lines() == BAD_FIXTURES["typo_key.yaml"]
+    assert loaded == []
+    load_all("valid_full.yaml")
+    assert loaded == [Path("rules.yaml")]
