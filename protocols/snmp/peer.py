@@ -1,0 +1,280 @@
+"""The proxy as an SNMPv3 requester: one authoritative engine (an agent, or an INFORM receiver)
+reached over one UDP socket, always at authPriv.
+
+Owns: engine-ID discovery (cached per peer, redone on unknownEngineID), engine boots/time tracking
+and notInTimeWindow resync, the USM time-window check on responses, msgID/request-id allocation
+(guests' request-ids never leave the proxy), per-attempt timeout and retries.
+Must not: know about guests, communities or policy; log or raise with key material.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from protocols.snmp import ber, usm
+from protocols.snmp.settings import Credentials
+
+log = logging.getLogger(__name__)
+
+
+class AgentTimeout(Exception):
+    """No valid answer after every attempt."""
+
+
+class AgentError(Exception):
+    """The peer answered with a USM report we cannot recover from (e.g. unknownUserNames)."""
+
+
+@dataclass(slots=True)
+class _Engine:
+    engine_id: bytes
+    boots: int
+    time: int
+    local_at: float  # monotonic time when `time` was learned
+    keys: usm.LocalKeys | None
+
+    def now(self) -> tuple[int, int]:
+        return self.boots, min(self.time + int(time.monotonic() - self.local_at), 0x7FFFFFFF)
+
+
+@dataclass(slots=True)
+class _Report:
+    name: str
+    authenticated: bool
+
+
+_DISCOVERY = object()
+
+
+class _PeerProtocol(asyncio.DatagramProtocol):
+    def __init__(self, peer: V3Peer):
+        self.peer = peer
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.peer._received(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and friends: the attempt's timer decides; nothing to do here.
+        self.peer.counters["icmp_errors"] += 1
+
+
+class V3Peer:
+    """`await peer.request(ber.GET, varbinds)` -> response PDU; raises AgentTimeout / AgentError."""
+
+    _ids = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+    def __init__(self, address: tuple[str, int], credentials: Credentials, *, timeout: float, retries: int,
+                 max_size: int = 65507):
+        self.address = address
+        self.credentials = credentials
+        self.timeout = timeout
+        self.retries = retries
+        self.max_size = max_size
+        self.user = credentials.user.encode()
+        self.transport: asyncio.DatagramTransport | None = None
+        self._opening: asyncio.Future[None] | None = None
+        self._engine: _Engine | None = None
+        self._discovering: asyncio.Future[_Engine] | None = None
+        self._pending: dict[int, tuple[asyncio.Future[Any], object]] = {}
+        self._salt = usm.SaltCounter()
+        self.counters = {"requests": 0, "timeouts": 0, "bad_digest": 0, "late": 0, "malformed": 0,
+                         "resyncs": 0, "discoveries": 0, "icmp_errors": 0, "outside_window": 0}
+        self.last_used = time.monotonic()
+
+    # -- I/O ---------------------------------------------------------------------------------
+    async def _open(self) -> asyncio.DatagramTransport:
+        if self.transport is not None:
+            return self.transport
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_future()
+            try:
+                tr, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda: _PeerProtocol(self), remote_addr=self.address)
+                self.transport = tr  # type: ignore[assignment]
+                self._opening.set_result(None)
+            except OSError as e:
+                self._opening.set_exception(e)
+                self._opening = None
+                raise AgentError(f"cannot open a socket to {self.address[0]}:{self.address[1]}: {e.strerror}") from None
+        else:
+            await self._opening
+        assert self.transport is not None
+        return self.transport
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(AgentError("peer closed"))
+        self._pending.clear()
+
+    def _received(self, data: bytes) -> None:
+        try:
+            msg = ber.decode_v3(data)
+        except ber.BERError:
+            self.counters["malformed"] += 1
+            return
+        entry = self._pending.get(msg.msg_id)
+        if entry is None:
+            self.counters["late"] += 1
+            return
+        fut, kind = entry
+        if fut.done():
+            return
+        try:
+            if kind is _DISCOVERY:
+                _, _, pdu = usm.open_message(None, msg, data)
+                if pdu.tag != ber.REPORT or not msg.engine_id:
+                    raise usm.USMError("discovery answer is not a report with an engine ID")
+                fut.set_result(_Engine(msg.engine_id, msg.boots, msg.time, time.monotonic(), None))
+                return
+            eng = self._engine
+            if not msg.flags & usm.FLAG_AUTH:
+                # Unauthenticated reports can only make us rediscover or give up this request.
+                _, _, pdu = usm.open_message(None, msg, data)
+                if pdu.tag != ber.REPORT:
+                    raise usm.USMError("unauthenticated non-report")
+                fut.set_result(_Report(self._report_name(pdu), False))
+                return
+            if eng is None or eng.keys is None or msg.engine_id != eng.engine_id:
+                raise usm.USMError("message from an unexpected engine")
+            try:
+                _, _, pdu = usm.open_message(eng.keys, msg, data)
+            except usm.USMError:
+                self.counters["bad_digest"] += 1
+                return
+            if pdu.tag == ber.REPORT:
+                name = self._report_name(pdu)
+                if name == "notInTimeWindows":
+                    # RFC 3414 §3.2.7: an authentic notInTimeWindow report carries the current clock.
+                    self._engine = _Engine(eng.engine_id, msg.boots, msg.time, time.monotonic(), eng.keys)
+                fut.set_result(_Report(name, True))
+                return
+            if not self._in_window(eng, msg):
+                self.counters["outside_window"] += 1
+                return
+            if not msg.flags & usm.FLAG_PRIV:
+                raise usm.USMError("response without privacy")
+            fut.set_result(pdu)
+        except (ber.BERError, usm.USMError):
+            self.counters["malformed"] += 1
+
+    def _in_window(self, eng: _Engine, msg: ber.V3Message) -> bool:
+        boots, now = eng.now()
+        if msg.boots < boots or msg.boots == 0x7FFFFFFF:
+            return False
+        if msg.boots > boots or msg.time > now:
+            self._engine = _Engine(eng.engine_id, msg.boots, msg.time, time.monotonic(), eng.keys)
+            return True
+        return msg.time >= now - usm.TIME_WINDOW
+
+    @staticmethod
+    def _report_name(pdu: ber.PDU) -> str:
+        if pdu.varbinds:
+            return usm.REPORT_NAMES.get(pdu.varbinds[0].oid, ber.oid_str(pdu.varbinds[0].oid))
+        return "empty report"
+
+    async def _exchange(self, msg_id: int, data: bytes, kind: object, timeout: float) -> Any:
+        tr = await self._open()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending[msg_id] = (fut, kind)
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            tr.sendto(data)
+            return await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(msg_id, None)
+
+    # -- engine ------------------------------------------------------------------------------
+    async def _get_engine(self) -> _Engine:
+        if self._engine is not None:
+            return self._engine
+        if self._discovering is None:
+            self._discovering = asyncio.get_running_loop().create_future()
+            disc = self._discovering
+            try:
+                eng = await self._discover()
+                disc.set_result(eng)
+            except BaseException as e:
+                disc.set_exception(e)
+                disc.exception()  # mark retrieved for waiters that are gone
+                raise
+            finally:
+                self._discovering = None
+            return eng
+        return await asyncio.shield(self._discovering)
+
+    async def _discover(self) -> _Engine:
+        self.counters["discoveries"] += 1
+        for _ in range(self.retries + 1):
+            msg_id = next(self._ids) & 0x7FFFFFFF
+            got = await self._exchange(msg_id, usm.build_discovery(msg_id, msg_id, self.max_size), _DISCOVERY,
+                                       self.timeout)
+            if isinstance(got, _Engine):
+                c = self.credentials
+                got.keys = usm.localize(c.auth_protocol, c.auth_password.reveal(), c.priv_protocol,
+                                        c.priv_password.reveal(), got.engine_id)
+                self._engine = got
+                return got
+        raise AgentTimeout("engine discovery timed out")
+
+    @property
+    def engine_id(self) -> bytes | None:
+        return self._engine.engine_id if self._engine else None
+
+    # -- requests ----------------------------------------------------------------------------
+    async def request(self, tag: int, varbinds: list[ber.VarBind], non_repeaters: int = 0,
+                      max_repetitions: int = 0) -> ber.PDU:
+        self.counters["requests"] += 1
+        self.last_used = time.monotonic()
+        attempts = self.retries + 1
+        resyncs = 0
+        i = 0
+        while i < attempts:
+            eng = await self._get_engine()
+            assert eng.keys is not None
+            msg_id = next(self._ids) & 0x7FFFFFFF
+            pdu = ber.PDU(tag, msg_id, non_repeaters, max_repetitions, varbinds).encode()
+            boots, etime = eng.now()
+            data = usm.build_authpriv(eng.keys, self.user, msg_id=msg_id, boots=boots, etime=etime,
+                                      salt=self._salt.next(), pdu_bytes=pdu, reportable=True, max_size=self.max_size)
+            got = await self._exchange(msg_id, data, None, self.timeout)
+            if isinstance(got, ber.PDU):
+                if got.request_id != msg_id:
+                    i += 1
+                    continue
+                return got
+            if got is None:  # timed out
+                self.counters["timeouts"] += 1
+                i += 1
+                continue
+            assert isinstance(got, _Report)
+            if got.name == "notInTimeWindows" and got.authenticated and resyncs < 2:
+                self.counters["resyncs"] += 1
+                resyncs += 1
+                continue  # the clock is fixed now; does not use up an attempt
+            if got.name == "unknownEngineIDs" and resyncs < 2:
+                self._engine = None  # agent re-keyed or rebooted with a new ID: rediscover
+                resyncs += 1
+                continue
+            raise AgentError(f"agent reported {got.name}")
+        raise AgentTimeout("agent timeout")
+
+    def send_unconfirmed(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
