@@ -1,0 +1,358 @@
+"""Our variants of mitmproxy 11.0's sans-I/O HTTP and WebSocket layers.
+
+Owns: the guest-facing HTTP/1 server (request-head size limit -> 431, head deadline -> 408,
+text/plain error bodies instead of mitmproxy's HTML page), request body limits (413, buffered or
+streamed), answering locally while a request body is still arriving, WebSocket relaying with no
+message history and a per-message size limit (close 1009), and the tiny layer that closes a
+connection we refuse.
+Must not: decide policy or touch sockets (the addon decides, mitmproxy's server loop does I/O).
+
+These classes subclass mitmproxy internals (`Http1Server`, `HttpLayer`, `HttpStream`,
+`WebsocketLayer`) that are not a public API; pyproject pins mitmproxy to 11.0.x for that reason.
+Methods copied from mitmproxy say so; when upgrading mitmproxy, diff them against the new release.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import wsproto.events
+from mitmproxy import flow as mflow
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1, status_codes
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers import websocket
+from mitmproxy.proxy.layers.http import (
+    DropStream,
+    HttpErrorHook,
+    HttpLayer,
+    HttpStream,
+    RequestData,
+    RequestEndOfMessage,
+    RequestHeaders,
+    RequestProtocolError,
+    RequestTrailers,
+    ResponseEndOfMessage,
+    ResponseProtocolError,
+    SendHttp,
+)
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.utils import expect
+from mitmproxy.websocket import WebSocketData
+from wsproto import ConnectionState as WSState
+from wsproto.frame_protocol import CloseReason
+
+from protocols.http import core
+
+# Keys in flow.metadata shared with the addon.
+MD_BODY_LIMIT = "proxyvm.body_limit"  # int bytes, 0 = none
+MD_STATUS = "proxyvm.status"  # status we answered with when there is no flow.response
+MD_BYTES_IN = "proxyvm.bytes_in"  # guest -> upstream
+MD_BYTES_OUT = "proxyvm.bytes_out"  # upstream -> guest
+MD_WS_LIMIT = "proxyvm.ws_limit"
+
+# Set by the addon: called as ON_REFUSED(client, status, detail) when a guest connection is refused
+# before a request parsed (mitmproxy has no hook there). One mitmproxy master per process, so a
+# module-level slot is enough.
+ON_REFUSED: Callable[[Any, int, str], None] | None = None
+
+
+def _opt(ctx_options: Any, name: str, default: Any) -> Any:
+    return getattr(ctx_options, name, default) if name in ctx_options else default
+
+
+def text_response(status: int, detail: str = "", *, close: bool = True) -> bytes:
+    """An HTTP/1.1 response with a short text/plain body (our own answers only)."""
+    reason = status_codes.RESPONSES.get(status, "Error")
+    body = core.text_body(status, reason, detail)
+    headers = http.Headers(
+        content_type="text/plain; charset=utf-8",
+        content_length=str(len(body)),
+    )
+    if close:
+        headers["connection"] = "close"
+    resp = http.Response.make(status, body, headers)
+    return http1.assemble_response(resp)
+
+
+class Reject(layer.Layer):
+    """Close the guest connection at once, optionally after sending `payload`."""
+
+    def __init__(self, context: Any, payload: bytes = b"") -> None:
+        super().__init__(context)
+        self.payload = payload
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            if self.payload:
+                yield commands.SendData(self.context.client, self.payload)
+            yield commands.CloseConnection(self.context.client)
+        # every later event (data still in flight, the close) is ignored
+
+
+class GuestHttp1Server(Http1Server):
+    """HTTP/1 toward the guest: bounded request heads, a deadline for them, text error bodies."""
+
+    _deadline: commands.RequestWakeup | None = None
+    _head_started: float = 0.0
+
+    @property
+    def _max_head(self) -> int:
+        return int(_opt(self.context.options, "proxyvm_header_size", 64 * 1024))
+
+    @property
+    def _head_timeout(self) -> float:
+        return float(_opt(self.context.options, "proxyvm_header_timeout", 10.0))
+
+    def _arm(self) -> layer.CommandGenerator[None]:
+        self._head_started = time.monotonic()
+        self._deadline = commands.RequestWakeup(self._head_timeout)
+        yield self._deadline
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup):
+            if event.command is self._deadline and self.state == self.read_headers:
+                if len(self.buf):
+                    yield from self._refuse(408, "request headers not received in time")
+                else:
+                    yield from self._arm()  # an idle keep-alive connection: the idle timeout owns it
+            return
+        yield from super()._handle_event(event)
+
+    @expect(events.Start)
+    def start(self, _: events.Event) -> layer.CommandGenerator[None]:
+        self.state = self.read_headers
+        yield from self._arm()
+
+    state = start
+
+    def mark_done(self, *, request: bool = False, response: bool = False) -> layer.CommandGenerator[None]:
+        yield from super().mark_done(request=request, response=response)
+        if self.state == self.read_headers and not self.request:
+            yield from self._arm()
+
+    def _refuse(self, status: int, detail: str) -> layer.CommandGenerator[None]:
+        yield commands.Log(f"{self.conn.peername}: {status} {detail}")
+        yield commands.SendData(self.conn, text_response(status, detail))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+        self.buf = type(self.buf)()
+        if self.request is None:
+            # tell the addon (it audits); mitmproxy has no hook for a request that never parsed
+            if ON_REFUSED is not None:
+                ON_REFUSED(self.context.client, status, detail)
+
+    # Copied from mitmproxy 11.0.2 Http1Server.read_headers, with the size limit and text bodies.
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            request_head = self.buf.maybe_extract_lines()
+            if request_head is None:
+                if len(self.buf) > self._max_head:
+                    yield from self._refuse(431, "request header fields too large")
+                return
+            if sum(len(x) for x in request_head) > self._max_head:
+                yield from self._refuse(431, "request header fields too large")
+                return
+            try:
+                self.request = http1.read_request_head([bytes(x) for x in request_head])
+                expected_body_size = http1.expected_http_body_size(self.request)
+            except ValueError as e:
+                self.request = None
+                yield from self._refuse(400, f"malformed request: {e}")
+                return
+            yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, expected_body_size == 0))
+            from mitmproxy.proxy.layers.http._http1 import make_body_reader
+
+            self.body_reader = make_body_reader(expected_body_size)
+            self.state = self.read_body
+            yield from self.state(event)
+        elif isinstance(event, events.ConnectionClosed):
+            yield commands.CloseConnection(self.conn)
+        else:
+            raise AssertionError(f"Unexpected event: {event}")
+
+    def send(self, event: Any) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError):
+            if not (self.conn.state & ConnectionState.CAN_WRITE):
+                return
+            if not self.response and event.code != status_codes.NO_RESPONSE:
+                detail = event.message
+                if event.code == 502:
+                    detail = f"{core.cause_text(core.classify_upstream_error(detail))} ({detail})"
+                yield commands.SendData(self.conn, text_response(event.code, detail))
+            yield commands.CloseConnection(self.conn)
+            return
+        yield from super().send(event)
+
+
+class GuestHttpLayer(HttpLayer):
+    """HttpLayer whose guest side is `GuestHttp1Server` and whose streams are `GuardedHttpStream`."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start) and self.context.client not in self.connections:
+            self.connections[self.context.client] = GuestHttp1Server(self.context.fork())
+        yield from super()._handle_event(event)
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        ctx = self.context.fork()
+        self.streams[stream_id] = GuardedHttpStream(ctx, stream_id)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+
+class GuardedHttpStream(HttpStream):
+    """Body limits (413) and local answers while a body still arrives; bounded WebSocket child."""
+
+    _body_seen: int = 0
+
+    def _limit(self) -> int:
+        return int(self.flow.metadata.get(MD_BODY_LIMIT, 0) or 0)
+
+    def _count(self, n: int) -> bool:
+        """Add n request-body bytes; True when that passes the limit."""
+        self._body_seen += n
+        self.flow.metadata[MD_BYTES_IN] = self._body_seen
+        limit = self._limit()
+        return bool(limit) and self._body_seen > limit
+
+    def _too_large(self, upstream_started: bool) -> layer.CommandGenerator[None]:
+        msg = f"request body over the {self._limit()} byte limit"
+        self.flow.error = mflow.Error(msg)
+        self.flow.metadata[MD_STATUS] = 413
+        yield HttpErrorHook(self.flow)
+        if upstream_started:
+            yield SendHttp(RequestProtocolError(self.stream_id, msg), self.context.server)
+        yield SendHttp(ResponseProtocolError(self.stream_id, msg, 413), self.context.client)
+        self.flow.live = False
+        self.client_state = self.server_state = self.state_errored
+
+    def start_request_stream(self) -> layer.CommandGenerator[None]:
+        if self.flow.response is not None:
+            # The addon answered (deny, 413) but mitmproxy had already chosen to stream the body:
+            # swallow the body instead and answer once it ends.
+            self.flow.request.stream = False
+            self.client_state = self.state_consume_request_body
+            return
+        yield from super().start_request_stream()
+
+    @expect(RequestData, RequestTrailers, RequestEndOfMessage)
+    def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestData):
+            if self.flow.response is not None:
+                self._body_seen += len(event.data)  # answered locally: discard, never buffer
+                return
+            if self._count(len(event.data)):
+                yield from self._too_large(upstream_started=False)
+                return
+        yield from super().state_consume_request_body(event)
+
+    @expect(RequestData, RequestTrailers, RequestEndOfMessage)
+    def state_stream_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestData) and self._count(len(event.data)):
+            yield from self._too_large(upstream_started=True)
+            return
+        yield from super().state_stream_request_body(event)
+
+    # Copied from mitmproxy 11.0.2 HttpStream.flow_done; only the WebSocket layer class differs.
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        if not self.flow.websocket:
+            self.flow.live = False
+        assert self.flow.response
+        if self.flow.response.status_code == 101:
+            if self.flow.websocket:
+                self.child_layer = BoundedWebsocketLayer(self.context, self.flow)
+            else:
+                yield commands.Log("Sent HTTP 101 response, but no protocol is enabled to upgrade to.")
+                yield commands.CloseConnection(self.context.client)
+                self.client_state = self.server_state = self.state_errored
+                return
+            self._handle_event = self.passthrough
+            yield from self.child_layer.handle_event(events.Start())
+        else:
+            yield DropStream(self.stream_id)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+
+
+class BoundedWebsocketLayer(websocket.WebsocketLayer):
+    """Relays WebSocket messages without keeping them (flow.websocket.messages stays empty) and
+    closes both sides with 1009 when one message passes the configured size."""
+
+    @expect(events.DataReceived, events.ConnectionClosed, websocket.WebSocketMessageInjected)
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        ws: WebSocketData | None = self.flow.websocket
+        assert ws is not None
+        if not isinstance(event, events.ConnectionEvent):
+            return  # injection is an interactive-mitmproxy feature we do not offer
+        from_client = event.connection == self.context.client
+        src_ws, dst_ws = (self.client_ws, self.server_ws) if from_client else (self.server_ws, self.client_ws)
+        if isinstance(event, events.DataReceived):
+            key = MD_BYTES_IN if from_client else MD_BYTES_OUT
+            self.flow.metadata[key] = self.flow.metadata.get(key, 0) + len(event.data)
+            src_ws.receive_data(event.data)
+        else:
+            src_ws.receive_data(None)
+        limit = int(self.flow.metadata.get(MD_WS_LIMIT, 0) or 0)
+        for ws_event in src_ws.events():
+            if isinstance(ws_event, wsproto.events.Message):
+                # Forward each piece as it arrives: no reassembly, so memory is one frame, not one message.
+                data = ws_event.data
+                raw = data.encode() if isinstance(data, str) else data
+                size = getattr(src_ws, "_pvm_msg_size", 0) + len(raw)
+                src_ws._pvm_msg_size = 0 if ws_event.message_finished else size  # type: ignore[attr-defined]
+                if limit and size > limit:
+                    yield from self._close_too_big(size, limit, from_client)
+                    return
+                if isinstance(data, str):
+                    out: wsproto.events.Event = wsproto.events.TextMessage(
+                        data, frame_finished=ws_event.frame_finished, message_finished=ws_event.message_finished
+                    )
+                else:
+                    out = wsproto.events.BytesMessage(
+                        data, frame_finished=ws_event.frame_finished, message_finished=ws_event.message_finished
+                    )
+                yield dst_ws.send2(out)
+            elif isinstance(ws_event, (wsproto.events.Ping, wsproto.events.Pong)):
+                yield dst_ws.send2(ws_event)
+            elif isinstance(ws_event, wsproto.events.CloseConnection):
+                ws.timestamp_end = time.time()
+                ws.closed_by_client = from_client
+                ws.close_code = ws_event.code
+                ws.close_reason = ws_event.reason
+                for w in (self.server_ws, self.client_ws):
+                    if w.state in {WSState.OPEN, WSState.REMOTE_CLOSING}:
+                        yield w.send2(ws_event)
+                    yield commands.CloseConnection(w.conn)
+                yield websocket.WebsocketEndHook(self.flow)
+                self.flow.live = False
+                self._handle_event = self.done
+        ws.messages.clear()
+
+    def _close_too_big(self, size: int, limit: int, from_client: bool) -> layer.CommandGenerator[None]:
+        ws = self.flow.websocket
+        assert ws is not None
+        reason = f"message over the {limit} byte limit"
+        ws.timestamp_end = time.time()
+        ws.closed_by_client = from_client
+        ws.close_code = CloseReason.MESSAGE_TOO_BIG
+        ws.close_reason = reason
+        for w in (self.server_ws, self.client_ws):
+            if w.state in {WSState.OPEN, WSState.REMOTE_CLOSING}:
+                yield w.send2(wsproto.events.CloseConnection(code=CloseReason.MESSAGE_TOO_BIG, reason=reason))
+            yield commands.CloseConnection(w.conn)
+        self.flow.metadata[MD_STATUS] = 1009
+        yield websocket.WebsocketEndHook(self.flow)
+        self.flow.live = False
+        self._handle_event = self.done
+
+
+__all__ = [
+    "BoundedWebsocketLayer",
+    "GuardedHttpStream",
+    "GuestHttp1Server",
+    "GuestHttpLayer",
+    "Reject",
+    "text_response",
+]
