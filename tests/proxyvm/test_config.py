@@ -594,3 +594,112 @@ def test_misspelt_policy_key_does_not_check_the_default_in_its_place(
     assert loaded == []
     load_all("valid_full.yaml")
     assert loaded == [Path("rules.yaml")]
+
+
+# -- the DESIGN.md example, every section, with secrets ------------------------------------------------
+DESIGN_EXAMPLE = """\
+guests:
+  web1:  {addresses: [198.18.0.10]}
+  mail1: {addresses: [198.18.0.11, "fd00::11"], mac: "52:54:00:00:00:11"}
+
+policy: rules.yaml
+audit:  {path: audit.jsonl}
+admin:  {listen: "127.0.0.1:9700"}
+
+gateway:
+  inside: eth1
+  outside: eth0
+
+dns:
+  listen: ["198.18.0.1:53"]
+  upstreams:
+    - {address: "9.9.9.9:853", name: dns.quad9.net}
+    - {address: "1.1.1.1:853", name: cloudflare-dns.com}
+  ca_file: ca.pem
+  dnssec: validate
+  cache: {size: 100000}
+
+smtp:
+  listen: ["198.18.0.1:25"]
+  spool: spool
+  relay: {host: smtp.example.org, port: 587, auth: {username: relay, password_file: smtp.pass}}
+  tls: verify
+  ca_file: ca.pem
+  max_message_size: 25MB
+  retry: {first: 1m, max_age: 5d}
+
+snmp:
+  listen: ["198.18.0.1:161"]
+  traps_listen: ["198.18.0.1:162"]
+  communities: [public]
+  engine_id: "0x8000000001020304"
+  agents:
+    router1:
+      address: "203.0.113.7:161"
+      community: public-router1
+      user: monitor
+      auth: {protocol: SHA-256, password_file: snmp-auth}
+      priv: {protocol: AES-128, password_file: snmp-priv}
+  default_agent_credentials:
+    user: monitor
+    auth: {protocol: SHA-256, password_file: snmp-auth}
+    priv: {protocol: AES-128, password_file: snmp-priv}
+  trap_receivers:
+    - address: "203.0.113.50:162"
+      user: trapper
+      auth: {protocol: SHA-256, password_file: trap-auth}
+      priv: {protocol: AES-128, password_file: trap-priv}
+      inform: true
+
+http:
+  listen: ["198.18.0.1:80"]
+  proxy_listen: ["198.18.0.1:3128"]
+  passthrough_listen: ["198.18.0.1:443"]
+  ca_file: ca.pem
+"""
+
+DESIGN_SECRETS = {
+    "smtp.pass": "hunter2-smtp-relay",
+    "snmp-auth": "hunter2-snmp-auth",
+    "snmp-priv": "hunter2-snmp-priv",
+    "trap-auth": "hunter2-trap-auth",
+    "trap-priv": "hunter2-trap-priv",
+}
+
+
+@pytest.fixture
+def design_dir(tmp_path: Path) -> Path:
+    from tests.labs.pki import LabCA
+
+    ca = LabCA(tmp_path / "pki")
+    (tmp_path / "ca.pem").write_bytes(Path(ca.ca_pem).read_bytes())
+    for name, text in DESIGN_SECRETS.items():
+        (tmp_path / name).write_text(text + "\n")
+        (tmp_path / name).chmod(0o600)
+    (tmp_path / "rules.yaml").write_text("mode: enforce\ndefault: deny\nrules:\n  - {id: a, action: allow, "
+                                          "protocol: dns, guests: [web1, mail1]}\n")
+    (tmp_path / "proxyvm.yaml").write_text(DESIGN_EXAMPLE)
+    return tmp_path
+
+
+def test_design_example_loads_every_section_and_never_shows_a_secret(design_dir: Path) -> None:
+    cfg, engine = load_all(design_dir / "proxyvm.yaml")
+    assert list(cfg.services()) == ["dns", "smtp", "snmp", "http"]
+    assert cfg.smtp.relay.auth.password.reveal() == "hunter2-smtp-relay"
+    assert cfg.snmp.agents["router1"].credentials.auth_password.reveal() == "hunter2-snmp-auth"
+    assert cfg.snmp.trap_receivers[0].credentials.priv_password.reveal() == "hunter2-trap-priv"
+    assert cfg.smtp.spool == design_dir / "spool"
+    assert engine.decide("dns", guest="mail1", request={"qname": "a.example", "qtype": "A"}).allowed
+    for shown in (repr(cfg), str(cfg), repr(cfg.snmp), repr(cfg.smtp), repr(dict(cfg.services()))):
+        assert "hunter2" not in shown
+
+
+@pytest.mark.parametrize("secret", sorted(DESIGN_SECRETS))
+def test_design_example_with_one_secret_missing_names_it_and_nothing_else(design_dir: Path, secret: str) -> None:
+    (design_dir / secret).unlink()
+    with pytest.raises(ConfigError) as info:
+        load_config(design_dir / "proxyvm.yaml")
+    text = "\n".join(info.value.lines())
+    assert f"{design_dir / secret} does not exist" in text
+    assert all(p.file == str(design_dir / "proxyvm.yaml") for p in info.value.problems)
+    assert "hunter2" not in text + repr(info.value)
