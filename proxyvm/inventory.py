@@ -66,11 +66,12 @@ class Inventory:
 
     Implements `protocols.base.GuestLookup`. Built once per config load; immutable after."""
 
-    __slots__ = ("_by_address", "_by_mac", "guests", "names")
+    __slots__ = ("_by_address", "_by_mac", "_count", "guests", "names")
 
     def __init__(self, guests: Mapping[str, Guest] | Iterable[Guest] = ()) -> None:
         items = list(guests.values()) if isinstance(guests, Mapping) else list(guests)
         by_address: dict[str, str] = {}
+        aliases: dict[str, str] = {}
         by_mac: dict[str, str] = {}
         table: dict[str, Guest] = {}
         for g in items:
@@ -85,13 +86,18 @@ class Inventory:
                     raise ValueError(f"guest {g.name!r}: bad address {a!r}")
                 if by_address.setdefault(key, g.name) != g.name:
                     raise ValueError(f"address {key} belongs to {by_address[key]!r} and {g.name!r}")
+                if ":" not in key:
+                    # Dual-stack sockets report IPv4 peers as "::ffff:a.b.c.d": answer that
+                    # spelling from the dict too, without parsing.
+                    aliases[f"::ffff:{key}"] = g.name
             if g.mac is not None:
                 mac = normalise_mac(g.mac)
                 if mac is None:
                     raise ValueError(f"guest {g.name!r}: bad MAC {g.mac!r}")
                 if by_mac.setdefault(mac, g.name) != g.name:
                     raise ValueError(f"MAC {mac} belongs to {by_mac[mac]!r} and {g.name!r}")
-        self._by_address = by_address
+        self._by_address = {**aliases, **by_address}
+        self._count = len(by_address)
         self._by_mac = by_mac
         self.guests: Mapping[str, Guest] = table
         self.names: frozenset[str] = frozenset(table)
@@ -117,4 +123,4 @@ class Inventory:
         return len(self.guests)
 
     def __repr__(self) -> str:
-        return f"Inventory({len(self.guests)} guests, {len(self._by_address)} addresses)"
+        return f"Inventory({len(self.guests)} guests, {self._count} addresses)"

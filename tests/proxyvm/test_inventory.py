@@ -153,3 +153,16 @@ def test_lookup_cost_does_not_grow_with_the_inventory() -> None:
 
     small, large = per_lookup(10), per_lookup(100_000)
     assert large < 10 * small, (small, large)
+
+
+def test_dual_stack_spelling_is_answered_without_parsing(inv: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import proxyvm.inventory as mod
+
+    def refuse(address: str) -> str | None:
+        raise AssertionError(f"parsed {address!r}")
+
+    monkeypatch.setattr(mod, "normalise_address", refuse)
+    assert inv.lookup("::ffff:198.18.0.10") == "web1"
+    assert inv.lookup("198.18.0.11") == "mail1"
+    assert inv.lookup("fd00::11") == "mail1"
+    assert repr(inv) == "Inventory(3 guests, 4 addresses)"
