@@ -201,3 +201,29 @@ def test_bad_config_exits_1_with_location(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert re.search(r"rules\.yaml:11:13: unknown key 'qnme'", r.stderr), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_healthz_degraded_while_a_service_cannot_start(tmp_path: Path) -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    blocker.bind((ADDR, 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    cfg = _config(tmp_path, port, _free())
+    p = ProxyVM(cfg).start(expect_ready=False)
+    try:
+        deadline = time.monotonic() + 20
+        code, body = 0, {}
+        while time.monotonic() < deadline:
+            try:
+                code, body = p.healthz()
+                if code == 503 and body["services"]["dns"]["restarts"] >= 1:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert code == 503 and body["status"] == "degraded", body
+        assert "in use" in body["services"]["dns"]["last_error"].lower(), body
+    finally:
+        p.stop()
+        blocker.close()

@@ -1,0 +1,62 @@
+"""The explicit service registry refuses a service whose hooks are misspelt or mis-shaped."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+
+from proxyvm.services import SERVICES, ServiceUnavailable, check_service_class, load_service_class
+
+
+class Good:
+    name: ClassVar[str] = "dns"
+
+    def __init__(self, ctx) -> None: ...
+    async def start(self) -> list[str]:
+        return []
+
+    async def reload(self, settings, engine) -> None: ...
+    async def drain(self, timeout: float) -> None: ...
+    def health(self) -> dict:
+        return {}
+
+
+def test_good_shape_passes() -> None:
+    check_service_class("dns", Good)
+
+
+def test_typo_in_hook_name_is_fatal() -> None:
+    class Typo(Good):
+        reload = None  # type: ignore[assignment]
+
+        async def relaod(self, settings, engine) -> None: ...
+
+    with pytest.raises(TypeError, match=r"reload\(\) must be an async method"):
+        check_service_class("dns", Typo)
+
+
+def test_sync_start_and_wrong_name_are_fatal() -> None:
+    class Bad(Good):
+        name = "dnz"
+
+        def start(self) -> list[str]:  # type: ignore[override]
+            return []
+
+    with pytest.raises(TypeError) as e:
+        check_service_class("dns", Bad)
+    assert "start() must be an async method" in str(e.value) and "name must be 'dns'" in str(e.value)
+
+
+def test_unknown_service() -> None:
+    with pytest.raises(ServiceUnavailable):
+        load_service_class("gopher")
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_registered_services_are_well_formed_when_present(name: str) -> None:
+    try:
+        cls = load_service_class(name)
+    except ServiceUnavailable:
+        pytest.skip(f"{name} not in this build")
+    assert cls.name == name
