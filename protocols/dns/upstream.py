@@ -128,6 +128,7 @@ class _Connection(asyncio.Protocol):
         self.keepalive_seen = False
         self._idle: asyncio.TimerHandle | None = None
         self.answers = 0
+        self.created = time.monotonic()
 
     # -- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -349,9 +350,12 @@ class UpstreamPool:
         self.closed = False
 
     def _order(self) -> list[Upstream]:
-        up = sorted((u for u in self.upstreams if u.up), key=lambda u: u.srtt)
+        # Healthy upstreams in the operator's order (the first is the preferred one; the others
+        # are failover), then down ones as a last resort, longest-down last; the prober brings
+        # them back.
+        up = [u for u in self.upstreams if u.up]
         down = sorted((u for u in self.upstreams if not u.up), key=lambda u: u.down_since)
-        return up + down  # down ones only as a last resort; the prober brings them back
+        return up + down
 
     def _mark_down(self, u: Upstream, f: UpstreamFailure) -> None:
         u.failures += 1
@@ -399,8 +403,8 @@ class UpstreamPool:
                 except UpstreamFailure as e:
                     f = e
                 else:
-                    if not u.up:
-                        u.up = True
+                    if not u.up and u.conn is not None and u.conn.created > u.down_since:
+                        u.up = True  # a last-resort try on a fresh connection worked
                     return ans
                 if f.kind == "closed" and reused and attempt == 0:
                     continue  # the upstream closed an idle connection under us: reconnect once

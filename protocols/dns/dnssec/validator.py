@@ -218,15 +218,8 @@ class Validator:
             if rrset is not None:
                 r = await self._positive(rrset, sname, msg, now, acc)
                 return r if r is not None else self._secure(acc, f"{sname} {dns.rdatatype.to_text(rdtype)}")
-            if rdtype != CNAME:
-                cname = _find(msg.answer, sname, CNAME)
-                if cname is not None:
-                    r = await self._positive(cname, sname, msg, now, acc)
-                    if r is not None:
-                        return r
-                    acc.links.append(f"{sname} CNAME")
-                    sname = cname[0].target
-                    continue
+            # A DNAME above sname comes first: the CNAME the server synthesised from it is unsigned
+            # (RFC 6672 §5.3.1) and is ignored; we derive the target ourselves.
             dname = next((r for r in msg.answer if r.rdtype == DNAME and sname.is_subdomain(r.name)
                           and sname != r.name), None)
             if dname is not None and rdtype != DNAME:
@@ -239,6 +232,15 @@ class Validator:
                 except dns.name.NameTooLong:
                     return bogus(f"DNAME substitution of {sname} is too long")
                 continue
+            if rdtype != CNAME:
+                cname = _find(msg.answer, sname, CNAME)
+                if cname is not None:
+                    r = await self._positive(cname, sname, msg, now, acc)
+                    if r is not None:
+                        return r
+                    acc.links.append(f"{sname} CNAME")
+                    sname = cname[0].target
+                    continue
             r = await self._negative(sname, rdtype, msg, rcode == dns.rcode.NXDOMAIN, now, acc)
             if r is not None:
                 return r

@@ -102,8 +102,8 @@ async def make_proxy(tmp_path: Path, lab_ca: LabCA) -> AsyncIterator[Callable[..
         text = (
             "dns:\n"
             f"  listen: [\"{PROXY_IP}:{port}\"]\n"
-            f"  ca_file: {lab_ca.ca_pem}\n"
-            "  upstreams:\n" + textwrap.indent(textwrap.dedent(upstreams).strip() + "\n", "    ")
+            + ("" if "ca_file:" in extra else f"  ca_file: {lab_ca.ca_pem}\n")
+            + "  upstreams:\n" + textwrap.indent(textwrap.dedent(upstreams).strip() + "\n", "    ")
             + textwrap.indent(textwrap.dedent(extra).strip() + "\n", "  ")
         )
         if "dnssec:" not in text:
