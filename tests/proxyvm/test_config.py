@@ -703,3 +703,48 @@ def test_design_example_with_one_secret_missing_names_it_and_nothing_else(design
     assert f"{design_dir / secret} does not exist" in text
     assert all(p.file == str(design_dir / "proxyvm.yaml") for p in info.value.problems)
     assert "hunter2" not in text + repr(info.value)
+
+
+def test_unreadable_secret_is_a_located_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secrets file the proxy's user cannot read. Root reads anything, so as root the load runs
+    in a forked child with the effective uid of `nobody`."""
+    import json
+    import shutil
+    import tempfile
+
+    import protocols.smtp.settings  # noqa: F401  (imported before the uid change)
+
+    d = Path(tempfile.mkdtemp(prefix="pvm-cfg-"))
+    try:
+        d.chmod(0o755)
+        (d / "pw").write_text("hunter2-unreadable\n")
+        (d / "pw").chmod(0o000 if os.geteuid() else 0o600)
+        (d / "c.yaml").write_text(
+            "smtp:\n  relay:\n    host: smtp.example.org\n    auth: {username: r, password_file: pw}\n"
+        )
+        monkeypatch.chdir(d)
+        if os.geteuid() != 0:
+            lines = problems_of("c.yaml")
+        else:
+            nobody = pwd.getpwnam("nobody")
+            rfd, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: never return into pytest
+                try:
+                    os.setegid(nobody.pw_gid)
+                    os.seteuid(nobody.pw_uid)
+                    try:
+                        load_config("c.yaml")
+                        result: list[str] = ["loaded"]
+                    except ConfigError as e:
+                        result = e.lines()
+                    os.write(wfd, json.dumps(result).encode())
+                finally:
+                    os._exit(0)
+            os.close(wfd)
+            with os.fdopen(rfd) as r:
+                lines = json.loads(r.read() or '["child failed"]')
+            os.waitpid(pid, 0)
+        assert lines == [f"c.yaml:4:40: smtp.relay.auth.password_file file {d}/pw is not readable by this user"]
+    finally:
+        shutil.rmtree(d)
