@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -65,13 +64,13 @@ async def test_plaintext_only_upstream_gets_no_plaintext(make_proxy, lab_dir: Pa
     every packet to it shows the query name never crossed the wire."""
     plain = start_unbound(lab_dir, None, "127.0.3.4", dot_port=8853, plain_only=True)
     pcap = tmp_path / "lo.pcap"
-    cap = subprocess.Popen(
-        ["tcpdump", "-i", "lo", "-U", "-n", "-w", str(pcap), "host", "127.0.3.4"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    cap = await asyncio.create_subprocess_exec(
+        "tcpdump", "-i", "lo", "-U", "-n", "-w", str(pcap), "host", "127.0.3.4",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert cap.stderr is not None
-        cap.stderr.readline()  # "listening on lo ..." once the capture runs
+        await asyncio.wait_for(cap.stderr.readline(), 10)  # "listening on lo ..." once it runs
         p = await make_proxy(
             '- {address: "127.0.3.4:8853", name: plain.lab.test}', "timeouts: {connect: 700ms, query: 2s}"
         )
@@ -80,7 +79,7 @@ async def test_plaintext_only_upstream_gets_no_plaintext(make_proxy, lab_dir: Pa
         await asyncio.sleep(0.3)
     finally:
         cap.terminate()
-        cap.wait(5)
+        await asyncio.wait_for(cap.wait(), 5)
         plain.stop()
     data = pcap.read_bytes()
     assert len(data) > 200  # the capture saw our connection attempt (TLS ClientHello)
