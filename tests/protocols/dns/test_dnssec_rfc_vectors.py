@@ -17,8 +17,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from protocols.dns.dnssec import Status, Validator, parse_anchors
-from protocols.dns.dnssec import crypto
+from protocols.dns.dnssec import Status, Validator, crypto, parse_anchors
 from protocols.dns.dnssec.denial import Denial, NSEC3Proof
 from protocols.dns.dnssec.result import EDE
 
