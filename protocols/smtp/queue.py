@@ -1,0 +1,247 @@
+"""The queue runner: schedules spooled messages, records each attempt, retries, bounces.
+
+Owns: which entries are due (first attempt now, then exponential backoff), bounded concurrency,
+per-recipient state updates written to the spool after every attempt, expiry after `retry.max_age`
+with a DSN to the envelope sender (never for a bounce), the `flush` trigger, and the audit records
+of delivery attempts and final outcomes.
+Must not: remove an entry before its outcome (and any bounce) is durable; hold the event loop on
+file I/O (spool calls run in threads); audit bodies or secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from protocols.smtp.delivery import DEFERRED, DELIVERED, FAILED, Attempt, Deliverer
+from protocols.smtp.dsn import build_dsn
+from protocols.smtp.settings import SMTPSettings
+from protocols.smtp.spool import (
+    PENDING,
+    Envelope,
+    RcptState,
+    Spool,
+    SpoolEntry,
+    SpoolError,
+    backoff,
+    new_id,
+    with_state,
+)
+
+FLUSH_POLL = 1.0
+
+
+class QueueRunner:
+    def __init__(self, spool: Spool, deliverer: Deliverer, settings: SMTPSettings, audit: Any,
+                 log: logging.Logger, clock: Callable[[], float]):
+        self.spool = spool
+        self.deliverer = deliverer
+        self.settings = settings
+        self.audit = audit
+        self.log = log
+        self.clock = clock
+        self.entries: dict[str, SpoolEntry] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._sem = asyncio.Semaphore(settings.max_connections)
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.delivered = 0
+        self.bounced = 0
+
+    # -- control --------------------------------------------------------------------------
+    def load(self, entries: list[SpoolEntry]) -> None:
+        for e in entries:
+            self.entries[e.id] = e
+            heapq.heappush(self._heap, (e.state.next_attempt, e.id))
+
+    def submit(self, entry: SpoolEntry) -> None:
+        self.entries[entry.id] = entry
+        heapq.heappush(self._heap, (0.0, entry.id))
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Everything deferred becomes due now."""
+        self._heap = [(0.0, i) for i in self.entries if i not in self._inflight]
+        heapq.heapify(self._heap)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="smtp-queue")
+
+    async def drain(self, timeout: float) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._inflight:
+            _, pending = await asyncio.wait(list(self._inflight.values()), timeout=max(timeout, 0.1))
+            for t in pending:  # unfinished attempts stay in the spool as pending: retried at next start
+                t.cancel()
+        await self.deliverer.close()
+
+    def stats(self) -> dict[str, int]:
+        return {"queued": len(self.entries), "inflight": len(self._inflight),
+                "delivered": self.delivered, "bounced": self.bounced}
+
+    # -- loop -----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        reap_at = 0.0
+        while not self._stopping:
+            if await asyncio.to_thread(self.spool.take_flush_request):
+                self.log.info("smtp: flush requested; retrying %d queued messages", len(self.entries))
+                self.flush()
+            now = self.clock()
+            while self._heap and self._heap[0][0] <= now and len(self._inflight) < self.settings.max_connections * 4:
+                due, ident = heapq.heappop(self._heap)
+                entry = self.entries.get(ident)
+                if entry is None or ident in self._inflight:
+                    continue
+                if entry.state.next_attempt > due and due != 0.0:
+                    continue  # a stale heap item; a newer one exists
+                task = asyncio.create_task(self._attempt(ident))
+                self._inflight[ident] = task
+                task.add_done_callback(lambda _t, i=ident: self._inflight.pop(i, None))
+            wait = FLUSH_POLL
+            if self._heap:
+                wait = min(wait, max(0.0, self._heap[0][0] - now))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.01))
+            if reap_at <= now:
+                self.deliverer.reap()
+                reap_at = now + 5.0
+
+    async def _attempt(self, ident: str) -> None:
+        try:
+            async with self._sem:
+                await self._attempt_locked(ident)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug must not lose mail: the entry stays queued and is retried later.
+            self.log.exception("smtp: delivery attempt for %s crashed", ident)
+            entry = self.entries.get(ident)
+            if entry is not None:
+                heapq.heappush(self._heap, (self.clock() + self.settings.retry.first, ident))
+        finally:
+            self._wake.set()
+
+    async def _attempt_locked(self, ident: str) -> None:
+        entry = self.entries[ident]
+        env = entry.envelope
+        pending = entry.pending()
+        message = await asyncio.to_thread(self.spool.message, ident)
+        result = await self.deliverer.deliver(env, message, pending)
+        now = self.clock()
+        for a in result.attempts:
+            self._audit_attempt(entry, a)
+        rcpts = dict(entry.state.rcpts)
+        last_error = ""
+        for r in pending:
+            outcome, reply = result.rcpts.get(r, (DEFERRED, "no attempt"))
+            prev = entry.rcpt_state(r)
+            status = {DELIVERED: "delivered", FAILED: "failed"}.get(outcome, PENDING)
+            rcpts[r] = RcptState(status=status, reply=reply, attempts=prev.attempts + 1)
+            if outcome == DEFERRED:
+                last_error = reply
+        attempts = entry.state.attempts + 1
+        expired = False
+        if any(s.status == PENDING for s in rcpts.values() if s) or any(r not in rcpts for r in env.rcpts):
+            if now - env.received >= self.settings.retry.max_age:
+                expired = True
+                for r in env.rcpts:
+                    st = rcpts.get(r, RcptState())
+                    if st.status == PENDING:
+                        rcpts[r] = RcptState("failed", st.reply or last_error, st.attempts)
+        entry = with_state(entry, attempts=attempts, last_attempt=now, last_error=last_error,
+                           rcpts=rcpts, next_attempt=now + backoff(attempts, self.settings.retry))
+        if entry.done():
+            failed = entry.failed()
+            if failed and env.mail_from and not env.dsn_of:
+                await self._bounce(entry, message, failed, expired, now)
+            elif failed:
+                self.log.warning("smtp: %s undeliverable to %d recipients; null sender, no bounce", ident, len(failed))
+            await asyncio.to_thread(self.spool.remove, ident)
+            self.entries.pop(ident, None)
+            delivered = [r for r in env.rcpts if entry.rcpt_state(r).status == "delivered"]
+            self.delivered += bool(delivered)
+            self._audit_final(entry, delivered, failed, expired)
+            return
+        try:
+            await asyncio.to_thread(self.spool.save_state, entry)
+        except SpoolError as e:
+            # The old state stays on disk: recipients may be retried (never lost).
+            self.log.error("smtp: cannot record delivery state of %s: %s", ident, e)
+        self.entries[ident] = entry
+        heapq.heappush(self._heap, (entry.state.next_attempt, ident))
+
+    async def _bounce(self, entry: SpoolEntry, message: bytes, failed: list[str], expired: bool,
+                      now: float) -> None:
+        env = entry.envelope
+        failures = [(r, entry.rcpt_state(r).reply, expired) for r in failed]
+        body = build_dsn(hostname=self.settings.hostname, original_id=env.id, mail_from=env.mail_from,
+                         failures=failures, arrival=env.received, now=now, original=message)
+        dsn_env = Envelope(id=new_id(now), guest="proxyvm", src="", helo=self.settings.hostname, mail_from="",
+                           rcpts=(env.mail_from,), received=now, size=len(body),
+                           rules=(("dsn", ""),), dsn_of=env.id, smtputf8=env.smtputf8)
+        # Stored before the original is removed: a crash in between means a duplicate bounce, not a lost one.
+        while True:
+            try:
+                dsn_entry = await asyncio.to_thread(self.spool.store, dsn_env, body)
+                break
+            except SpoolError as e:
+                self.log.error("smtp: cannot spool bounce for %s (%s); retrying", env.id, e)
+                await asyncio.sleep(5)
+        self.bounced += 1
+        self.audit.emit({
+            "guest": env.guest, "src": env.src, "protocol": "smtp", "verdict": "allow", "rule": "dsn", "at": "",
+            "reason": f"bounce for message {env.id}: {'expired after retry.max_age' if expired else 'rejected by peer'}",
+            "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(failed)},
+            "upstream": None, "event": "dsn", "dsn_id": dsn_env.id,
+        })
+        self.submit(dsn_entry)
+
+    # -- audit ----------------------------------------------------------------------------
+    def _rule(self, env: Envelope) -> tuple[str, str]:
+        return env.rules[0] if env.rules else ("", "")
+
+    def _audit_attempt(self, entry: SpoolEntry, a: Attempt) -> None:
+        env = entry.envelope
+        rule, at = self._rule(env)
+        rec: dict[str, Any] = {
+            "guest": env.guest, "src": env.src, "protocol": "smtp",
+            "verdict": "allow", "rule": rule, "at": at,
+            "reason": f"delivery attempt to {a.peer}: {a.outcome}",
+            "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(a.rcpts)},
+            "upstream": {"peer": a.peer, "address": a.address, "tls": a.tls or None, "cipher": a.cipher or None,
+                         "verified": bool(a.verified), "verified_by": a.verified or None, "reused": a.reused},
+            "event": "attempt", "reply": a.reply, "outcome": a.outcome,
+        }
+        if a.alarm:
+            rec["alarm"] = a.alarm
+            self.log.warning("smtp: ALARM %s (message %s)", a.alarm, env.id)
+        self.audit.emit(rec)
+
+    def _audit_final(self, entry: SpoolEntry, delivered: list[str], failed: list[str], expired: bool) -> None:
+        env = entry.envelope
+        rule, at = self._rule(env)
+        outcome = "delivered" if not failed else ("expired" if expired else ("failed" if not delivered else "partial"))
+        self.audit.emit({
+            "guest": env.guest, "src": env.src, "protocol": "smtp", "verdict": "allow", "rule": rule, "at": at,
+            "reason": f"message {env.id} {outcome} after {entry.state.attempts} attempt(s)",
+            "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(env.rcpts),
+                        "size": env.size, "message_id": env.message_id},
+            "upstream": None, "event": "final", "outcome": outcome,
+            "delivered": delivered, "failed": failed,
+        })

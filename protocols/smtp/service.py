@@ -1,0 +1,438 @@
+"""The SMTP service: plain SMTP from guests in, verified-TLS delivery out, durable spool between.
+
+Owns: the guest-facing aiosmtpd server (a strict subclass: CRLF-only lines, no NUL, RFC 5321 limits
+and timeouts, enhanced status codes on every reply, no AUTH), the policy decision per recipient at
+RCPT time, the `250` only after the spool's durable commit, audit records for decisions and accepted
+messages, and the `Service` lifecycle (start, reload, drain, health) around the queue runner.
+Must not: acknowledge anything not on disk; send mail itself (see delivery/queue); audit bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import email.utils
+import ipaddress
+import os
+import re
+from typing import Any, ClassVar
+
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope as AioEnvelope
+
+from protocols.base import ServiceContext, audit_record
+from protocols.smtp.delivery import Deliverer
+from protocols.smtp.queue import QueueRunner
+from protocols.smtp.resolver import MailResolver, make_resolver
+from protocols.smtp.settings import SMTPSettings
+from protocols.smtp.spool import Envelope, Spool, SpoolError, new_id
+
+IDENT = "ESMTP proxyvm"
+MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3 path 256 minus the angle brackets
+_BAD_LINE = b"XPVMBADLINE\r\n"
+_ENH = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\b")
+_DEFAULT_ENH = {
+    211: "2.0.0", 214: "2.0.0", 221: "2.0.0", 250: "2.0.0", 251: "2.1.5", 252: "2.1.5",
+    421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
+    550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
+}
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r\n(?![ \t])", re.IGNORECASE | re.MULTILINE | re.DOTALL)
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_address(addr: str, smtputf8: bool) -> str | None:
+    """The reply for an unacceptable mailbox, or None when it is fine."""
+    if len(addr.encode("utf-8", "surrogateescape")) > MAX_ADDRESS:
+        return "553 5.1.3 Error: address too long"
+    try:
+        addr.encode("utf-8")
+    except UnicodeEncodeError:
+        return "553 5.6.7 Error: address is not valid UTF-8"
+    if not addr.isascii() and not smtputf8:
+        return "553 5.6.7 Error: non-ASCII address needs MAIL FROM ... SMTPUTF8"
+    if any(c in addr for c in "\x00\r\n\t ") or any(ord(c) < 32 or ord(c) == 127 for c in addr):
+        return "553 5.1.3 Error: control characters in address"
+    local, at, domain = addr.rpartition("@")
+    if not at or not local or not domain:
+        return "553 5.1.3 Error: address must be local-part@domain"
+    if domain.startswith("["):
+        lit = domain[1:-1] if domain.endswith("]") else ""
+        lit = lit[5:] if lit.lower().startswith("ipv6:") else lit
+        try:
+            ipaddress.ip_address(lit)
+        except ValueError:
+            return "553 5.1.3 Error: bad address literal"
+        return None
+    if len(domain) > 253:
+        return "553 5.1.3 Error: domain too long"
+    for label in domain.rstrip(".").split("."):
+        if label.isascii():
+            if not _LABEL.match(label):
+                return "553 5.1.3 Error: bad domain in address"
+        elif not label or len(label.encode()) > 63 or label.startswith("-") or label.endswith("-"):
+            return "553 5.1.3 Error: bad domain in address"
+    return None
+
+
+class Transaction(AioEnvelope):
+    """aiosmtpd's per-transaction envelope plus what policy decided for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.declared_size = 0
+        self.size_limit: int | None = None
+        self.rules: list[tuple[str, str]] = []
+        self.decisions: list[Any] = []
+
+
+class GuestSMTP(AioSMTP):
+    """aiosmtpd with the strictness a relay in front of the Internet needs."""
+
+    local_part_limit = 64
+    line_length_limit = 1001
+
+    def __init__(self, handler: GuestHandler, settings: SMTPSettings, **kw: Any):
+        # aiosmtpd keeps command_size_limits on the class and grows it on every EHLO: keep ours.
+        self.command_size_limits = collections.defaultdict(lambda: 512)
+        super().__init__(
+            handler,
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident=IDENT,
+            timeout=settings.timeouts.command,
+            auth_require_tls=True,  # no TLS on the guest side: AUTH is never offered
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            command_call_limit={"*": 2000, "NOOP": 50, "RSET": 200, "HELP": 10, "VRFY": 10, "EHLO": 10,
+                                "HELO": 10, "XPVMBADLINE": 5},
+            **kw,
+        )
+        self.settings = settings
+        self._plain_reply = False  # True while answering HELO/EHLO
+        self._greeted = False
+
+    def _create_envelope(self) -> Transaction:
+        return Transaction()
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        orig = reader.readuntil
+
+        async def readuntil(separator: bytes = b"\n") -> bytes:
+            line = await orig(separator)
+            if separator == b"\n" and (not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\x00" in line):
+                return _BAD_LINE  # bare LF / bare CR / NUL in a command line (SMTP smuggling)
+            return line
+
+        reader.readuntil = readuntil  # type: ignore[method-assign]
+        handler: GuestHandler = self.event_handler
+        handler.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def smtp_XPVMBADLINE(self, arg: str | None) -> None:
+        await self.push("500 5.5.2 Error: command lines must end in CRLF and contain no bare CR, LF or NUL")
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push("502 5.5.1 Error: AUTH not available; guests are identified by their address")
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_reply = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_reply = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_reply = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_reply = False
+
+    async def push(self, status: Any) -> None:
+        if not self._greeted:  # RFC 2034 §3: the greeting and HELO/EHLO replies carry no enhanced codes
+            self._greeted = True
+        elif isinstance(status, str) and not self._plain_reply and len(status) >= 4 and status[:3].isdigit():
+            code = int(status[:3])
+            rest = status[4:]
+            if code // 100 in (2, 4, 5) and not _ENH.match(rest):
+                enh = _DEFAULT_ENH.get(code, f"{code // 100}.0.0")
+                status = f"{status[:4]}{enh} {rest}"
+        await super().push(status)
+
+    def _timeout_cb(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"421 4.4.2 " + self.hostname.encode() + b" Error: timeout exceeded\r\n")
+        super()._timeout_cb()
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """RFC 5321 §4.1.1.4 DATA, reading until CRLF.CRLF with: the data-block timeout re-armed per
+        line, bare CR/LF and NUL refused (SMTP smuggling), line length and size limits."""
+        if await self.check_helo_needed():
+            return
+        env = self.envelope
+        assert env is not None
+        if not env.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limit = self.data_size_limit or 0
+        data = bytearray()
+        size = 0
+        problem = ""
+        at_start = True
+        reader = self._reader
+        while True:
+            self._reset_timeout(self.settings.timeouts.data)
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as e:
+                line = await reader.read(e.consumed)
+                problem = problem or "500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6: 1000 octets)"
+                data.clear()
+                at_start = False
+                size += len(line)
+                continue
+            except asyncio.IncompleteReadError:
+                return  # the guest went away mid-DATA: nothing stored, nothing acknowledged
+            if at_start and line == b".\r\n":
+                break
+            at_start = True
+            size += len(line)
+            if problem:
+                continue
+            body = line[:-2]
+            if b"\r" in body or b"\n" in body:
+                problem = "554 5.6.0 Error: bare CR or LF in message (RFC 5321 2.3.8)"
+            elif b"\x00" in body:
+                problem = "554 5.6.0 Error: NUL byte in message"
+            elif limit and size > limit:
+                problem = f"552 5.3.4 Error: message exceeds the size limit of {limit} bytes"
+            if problem:
+                data.clear()
+                continue
+            data += line[1:] if line.startswith(b".") else line
+        self._reset_timeout()
+        if problem:
+            self._set_post_data_state()
+            await self.push(problem)
+            return
+        env.original_content = env.content = bytes(data)
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        if arg.lstrip().startswith("<>"):
+            return "<>", arg.lstrip()[2:]  # the null reverse-path (bounces), which aiosmtpd refuses
+        return super()._getaddr(arg)
+
+
+class GuestHandler:
+    """aiosmtpd handler: decisions at MAIL/RCPT, durable acceptance at DATA."""
+
+    def __init__(self, service: SMTPService):
+        self.service = service
+        self.sessions: set[GuestSMTP] = set()
+
+    @property
+    def settings(self) -> SMTPSettings:
+        return self.service.settings
+
+    def _guest(self, session: Any) -> tuple[str, str]:
+        ip, port = session.peer[0], session.peer[1]
+        src = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return self.service.ctx.guests.lookup(ip), src
+
+    async def handle_EHLO(self, server: GuestSMTP, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        out = [r for r in responses if not r.startswith("250 HELP")]
+        out += ["250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
+        return out
+
+    async def handle_MAIL(self, server: GuestSMTP, session: Any, envelope: Transaction, address: str,
+                          mail_options: list[str]) -> str:
+        if address != "<>":
+            bad = check_address(address, envelope.smtp_utf8)
+            if bad:
+                return bad
+        size = 0
+        for opt in mail_options:
+            if opt.upper().startswith("SIZE="):
+                size = int(opt[5:])  # aiosmtpd checked it is digits and within max_message_size
+        if self.service.spool_low(size):
+            return "452 4.3.1 Error: insufficient system storage; try again later"
+        envelope.declared_size = size
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: GuestSMTP, session: Any, envelope: Transaction, address: str,
+                          rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            return "452 4.5.3 Error: too many recipients"
+        bad = check_address(address, envelope.smtp_utf8)
+        if bad:
+            return bad
+        guest, src = self._guest(session)
+        mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
+        request = {"mail_from": mail_from, "rcpt_to": address, "size": envelope.declared_size}
+        d = self.service.engine.decide("smtp", guest=guest, request=request)
+        self.service.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request,
+                                                 upstream=None, event="rcpt"))
+        if not d.allowed:
+            if str(d.code) == "rate_limited":
+                return f"451 4.7.1 <{address}>: rate limit of rule {d.rule} exceeded; try again later"
+            return f"550 5.7.1 <{address}>: recipient rejected by policy rule {d.rule}"
+        if str(d.verdict) == "allow":
+            max_size = (d.limits or {}).get("max_size")
+            if max_size:
+                if envelope.declared_size and envelope.declared_size > max_size:
+                    return f"552 5.3.4 Error: message size exceeds {max_size} bytes allowed by rule {d.rule}"
+                envelope.size_limit = min(envelope.size_limit or max_size, max_size)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        envelope.rules.append((d.rule, d.at))
+        envelope.decisions.append(d)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: GuestSMTP, session: Any, envelope: Transaction) -> str:
+        svc = self.service
+        content: bytes = envelope.original_content or b""
+        if envelope.size_limit and len(content) > envelope.size_limit:
+            return f"552 5.3.4 Error: message exceeds {envelope.size_limit} bytes allowed by policy"
+        guest, src = self._guest(session)
+        now = svc.ctx.clock()
+        ident = new_id(now)
+        rcpts = list(envelope.rcpt_tos)
+        received = (
+            f"Received: from {session.host_name} ({src.rsplit(':', 1)[0].strip('[]')})\r\n"
+            f"\tby {self.settings.hostname} (proxyvm) with {'UTF8' if envelope.smtp_utf8 else ''}ESMTP id {ident}\r\n"
+            f"\tfor <{rcpts[0]}>; {email.utils.formatdate(now)}\r\n"
+        ).encode("utf-8", "surrogateescape")
+        message = received + content
+        head = content[: content.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in content else content[:65536]
+        m = _MESSAGE_ID.search(head)
+        message_id = m.group(1).decode("utf-8", "replace").strip()[:200] if m else ""
+        body_8bit = "BODY=8BITMIME" in (o.upper() for o in envelope.mail_options) or not content.isascii()
+        env = Envelope(
+            id=ident, guest=guest, src=src, helo=str(session.host_name)[:255],
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
+            rcpts=tuple(rcpts), received=now, size=len(content), message_id=message_id,
+            body_8bit=body_8bit, smtputf8=bool(envelope.smtp_utf8), rules=tuple(envelope.rules),
+        )
+        first = envelope.decisions[0]
+        request = {"message": ident, "mail_from": env.mail_from, "rcpt_to": rcpts, "size": env.size,
+                   "message_id": message_id}
+        try:
+            entry = await asyncio.to_thread(svc.spool.store, env, message)
+        except SpoolError as e:
+            svc.ctx.log.error("smtp: cannot spool message from %s: %s", guest, e)
+            svc.ctx.audit.emit(audit_record(first, guest=guest, src=src, protocol="smtp", request=request,
+                                            upstream=None, event="spool_failed", error=str(e)))
+            return "452 4.3.1 Error: insufficient system storage; message not accepted, try again later"
+        svc.ctx.audit.emit(audit_record(first, guest=guest, src=src, protocol="smtp", request=request,
+                                        upstream=None, event="accepted"))
+        svc.accepted += 1
+        svc.runner.submit(entry)
+        return f"250 2.0.0 Ok: queued as {ident}"
+
+
+class SMTPService:
+    name: ClassVar[str] = "smtp"
+
+    def __init__(self, ctx: ServiceContext, *, resolver: MailResolver | None = None, mx_port: int = 25,
+                 sts_port: int = 443):
+        self.ctx = ctx
+        self.settings: SMTPSettings = ctx.settings
+        self.engine = ctx.engine
+        self._resolver = resolver
+        self._mx_port = mx_port
+        self._sts_port = sts_port
+        self.handler = GuestHandler(self)
+        self._servers: list[asyncio.AbstractServer] = []
+        self.spool: Spool = Spool(self.settings.spool, ctx.clock)
+        self.runner: QueueRunner | None = None  # type: ignore[assignment]
+        self.accepted = 0
+        self.recovered = 0
+        self.problems: list[str] = []
+
+    def spool_low(self, size: int) -> bool:
+        try:
+            st = os.statvfs(self.spool.dir)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize < max(size, 64 * 1024) * 2
+
+    async def start(self) -> list[str]:
+        s = self.settings
+        entries, self.problems = await asyncio.to_thread(self.spool.open)
+        for p in self.problems:
+            self.ctx.log.error("smtp: unreadable spool entry moved to %s: %s", self.spool.bad, p)
+        self.recovered = len(entries)
+        if entries:
+            self.ctx.log.info("smtp: recovered %d queued messages from %s", len(entries), s.spool)
+        resolver = self._resolver or make_resolver(self.ctx.config)
+        deliverer = Deliverer(s, resolver, log=self.ctx.log, clock=self.ctx.clock, state_dir=self.ctx.state_dir,
+                              mx_port=self._mx_port, sts_port=self._sts_port)
+        self.runner = QueueRunner(self.spool, deliverer, s, self.ctx.audit, self.ctx.log, self.ctx.clock)
+        self.runner.load(entries)
+        loop = asyncio.get_running_loop()
+        listening = []
+        try:
+            for host, port in s.listen:
+                server = await loop.create_server(lambda: GuestSMTP(self.handler, self.settings), host, port)
+                self._servers.append(server)
+                listening.append(f"tcp {host}:{port}" if ":" not in host else f"tcp [{host}]:{port}")
+        except OSError:
+            for srv in self._servers:
+                srv.close()
+            raise
+        self.runner.start()
+        return listening
+
+    async def reload(self, settings: Any, engine: Any) -> None:
+        """New policy applies to the next RCPT; limits to the next connection. Listeners, spool
+        directory and relay stay as started (changing them needs a restart)."""
+        self.engine = engine
+        if settings is not None:
+            if settings.listen != self.settings.listen or settings.spool != self.settings.spool:
+                self.ctx.log.warning("smtp: listen/spool changes need a restart; keeping the running ones")
+            self.settings = settings
+            if self.runner is not None:
+                self.runner.settings = settings
+
+    async def drain(self, timeout: float) -> None:
+        for srv in self._servers:
+            srv.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while self.handler.sessions and loop.time() < deadline:  # noqa: ASYNC110 - sessions end on their own
+            await asyncio.sleep(0.05)
+        for sess in list(self.handler.sessions):
+            if sess.transport is not None:
+                with contextlib.suppress(Exception):
+                    sess.transport.write(b"421 4.3.2 Service shutting down\r\n")
+                sess.transport.close()
+        if self.runner is not None:
+            await self.runner.drain(max(0.0, deadline - loop.time()))
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.runner.stats() if self.runner is not None else {}
+        state = "ok" if self._servers and not self.problems else "degraded"
+        return {"state": state, "accepted": self.accepted, "recovered": self.recovered,
+                "bad_entries": len(self.problems), **stats}

@@ -1,0 +1,206 @@
+"""Shared SMTP labs: a lab CA, a real Postfix STARTTLS MX/relay (Maildir), and an in-process service.
+
+Addresses (127.0.5.0/24, the SMTP area): proxy listeners 127.0.5.1, Postfix MX 127.0.5.10:25
+(cert mx.lab.test, SASL user "relayuser"), Postfix with an untrusted cert 127.0.5.12:25.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policy import load_policy
+from policy.source import Secret
+from protocols.base import MemoryAudit, ServiceContext, StaticGuests
+from protocols.smtp.resolver import MailResolver
+from protocols.smtp.service import SMTPService
+from protocols.smtp.settings import RelayAuth, RelaySettings, SMTPSettings, TimeoutSettings
+from tests.labs import postfix as pflab
+from tests.labs.pki import LabCA
+from tests.labs.proc import free_port
+
+PROXY_IP = "127.0.5.1"
+MX_IP = "127.0.5.10"
+UNTRUSTED_IP = "127.0.5.12"
+GUEST_IP = "127.0.0.1"  # loopback clients appear as 127.0.0.1 unless they bind; swaks binds 127.0.5.x
+RELAY_USER, RELAY_PASSWORD = "relayuser", "s3cret-Relay-pw"
+
+ALLOW_ALL = """\
+mode: enforce
+default: deny
+rules:
+  - id: mail-out
+    action: allow
+    protocol: smtp
+"""
+
+
+def need_postfix() -> None:
+    reason = pflab.available()
+    if reason:
+        pytest.skip(reason)
+    if not shutil.which("swaks"):
+        pytest.skip("swaks is not installed (apt-get install swaks)")
+
+
+@pytest.fixture(scope="session")
+def lab_ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
+    return LabCA(tmp_path_factory.mktemp("smtp-ca"), "smtp lab CA")
+
+
+@pytest.fixture(scope="session")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
+    return LabCA(tmp_path_factory.mktemp("smtp-other-ca"), "untrusted CA")
+
+
+@pytest.fixture(scope="session")
+def mx_cert(lab_ca: LabCA) -> tuple[Path, Path]:
+    return lab_ca.issue(["mx.lab.test", "relay.lab.test", MX_IP], stem="mx")
+
+
+@pytest.fixture(scope="session")
+def postfix_mx(tmp_path_factory: pytest.TempPathFactory, mx_cert: tuple[Path, Path]) -> Any:
+    need_postfix()
+    d = tmp_path_factory.mktemp("postfix-mx")
+    lab = pflab.PostfixLab(d, MX_IP, 25, cert=mx_cert[0], key=mx_cert[1],
+                           sasl_users={RELAY_USER: RELAY_PASSWORD})
+    lab.start()
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture(scope="session")
+def postfix_untrusted(tmp_path_factory: pytest.TempPathFactory, other_ca: LabCA) -> Any:
+    need_postfix()
+    d = tmp_path_factory.mktemp("postfix-untrusted")
+    cert, key = other_ca.issue(["mx.lab.test", "relay.lab.test"], stem="untrusted")
+    lab = pflab.PostfixLab(d, UNTRUSTED_IP, 25, cert=cert, key=key)
+    lab.start()
+    yield lab
+    lab.stop()
+
+
+def make_engine(tmp: Path, text: str = ALLOW_ALL, guests: tuple[str, ...] = ("mail1",)) -> Any:
+    p = tmp / "rules.yaml"
+    p.write_text(textwrap.dedent(text))
+    return load_policy(p, guests=set(guests))
+
+
+class Clock:
+    """An injectable wall clock; `advance()` moves it forward."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.offset = 0.0
+        self._time = time.time
+
+    def __call__(self) -> float:
+        return self._time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class Running:
+    def __init__(self, service: SMTPService, audit: MemoryAudit, port: int, settings: SMTPSettings, clock: Clock):
+        self.service, self.audit, self.port, self.settings, self.clock = service, audit, port, settings, clock
+
+    @property
+    def server(self) -> str:
+        return f"{PROXY_IP}:{self.port}"
+
+    def records(self, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.audit.records if all(r.get(k) == v for k, v in match.items())]
+
+    async def wait_records(self, timeout: float = 20.0, **match: Any) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.records(**match):
+            if loop.time() > deadline:
+                raise TimeoutError(f"no audit record {match}; have {[r.get('event') for r in self.audit.records]}")
+            await asyncio.sleep(0.05)
+        return self.records(**match)
+
+    def spool_ids(self) -> list[str]:
+        q = self.settings.spool / "queue"
+        return sorted(p.stem for p in q.glob("*.msg")) if q.exists() else []
+
+
+def relay_settings(spool: Path, ca: Path | None, *, ip: str = MX_IP, port: int = 25, auth: bool = True,
+                   **kw: Any) -> SMTPSettings:
+    relay = RelaySettings(host="relay.lab.test", port=port, address=ip,
+                          auth=RelayAuth(RELAY_USER, Secret(RELAY_PASSWORD, "test")) if auth else None)
+    base = SMTPSettings(listen=((PROXY_IP, 0),), spool=spool, relay=relay, ca_file=ca, hostname="proxyvm.lab.test",
+                        timeouts=TimeoutSettings(connect=5, reply=10, idle=5, command=30, data=10))
+    return replace(base, **kw)
+
+
+@pytest.fixture
+async def start_service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`running = await start_service(settings, rules=..., resolver=...)`; drained at teardown."""
+    started: list[SMTPService] = []
+
+    async def _start(settings: SMTPSettings, *, rules: str = ALLOW_ALL, resolver: MailResolver | None = None,
+                     clock: Clock | None = None, guests: dict[str, str] | None = None, **kw: Any) -> Running:
+        port = settings.listen[0][1] or free_port(PROXY_IP)
+        settings = replace(settings, listen=((PROXY_IP, port),))
+        audit = MemoryAudit()
+        clock = clock or Clock()
+        ctx = ServiceContext(
+            settings=settings, engine=make_engine(tmp_path, rules), audit=audit,
+            guests=StaticGuests(guests or {"127.0.5.2": "mail1"}), log=logging.getLogger("test.smtp"),
+            state_dir=tmp_path / "state", clock=clock,
+        )
+        svc = SMTPService(ctx, resolver=resolver, **kw)
+        await svc.start()
+        started.append(svc)
+        return Running(svc, audit, port, settings, clock)
+
+    yield _start
+    for svc in started:
+        with contextlib.suppress(Exception):
+            await svc.drain(1.0)
+
+
+async def swaks(server: str, *args: str, src: str = "127.0.5.2", timeout: float = 30) -> tuple[int, str]:
+    """Run swaks as the guest (bound to `src`); returns (exit code, transcript)."""
+    host, port = server.rsplit(":", 1)
+    proc = await asyncio.create_subprocess_exec(
+        "swaks", "--server", host, "--port", port, "--local-interface", src, "--helo", "guest.lab.test",
+        "--timeout", "20", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode("utf-8", "replace")
+
+
+async def raw_session(server: str, src: str = "127.0.5.2") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = server.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), local_addr=(src, 0))
+    return reader, writer
+
+
+async def read_reply(reader: asyncio.StreamReader, timeout: float = 10) -> str:
+    lines = []
+    while True:
+        line = (await asyncio.wait_for(reader.readline(), timeout)).decode("utf-8", "replace")
+        if not line:
+            break
+        lines.append(line.rstrip("\r\n"))
+        if len(line) < 4 or line[3] == " ":
+            break
+    return "\n".join(lines)
+
+
+async def chat(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> str:
+    writer.write(data)
+    await writer.drain()
+    return await read_reply(reader)
