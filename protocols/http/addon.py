@@ -47,6 +47,7 @@ HOOKS = (
     "next_layer",
     "http_connect",
     "requestheaders",
+    "request",
     "responseheaders",
     "response",
     "error",
@@ -107,6 +108,7 @@ class FlowState:
     upstream_ip: str = ""
     close_guest: bool = False
     audited: bool = False
+    pending: dict[str, Any] | None = None  # response done while the request body still streams
 
 
 def _decision(verdict: Verdict, rule: str, detail: str, at: str = "(built-in)") -> Decision:
@@ -442,8 +444,12 @@ class PolicyAddon:
         host_header = req.host_header
         req.scheme = plan.scheme
         req.port = plan.port
-        if host_header is not None:
-            req.host_header = host_header  # the guest's Host, exactly
+        if host_header is None or core.normalize_host(host_header.rsplit(":", 1)[0] if host_header.count(":") == 1
+                                                     else host_header) != host:
+            # RFC 9112 3.2.2: an absolute-form target's authority replaces the Host header, so the
+            # origin serves exactly the host the policy decided on.
+            host_header = host if guest_port == 80 else f"{host}:{guest_port}"
+        req.host_header = host_header  # otherwise the guest's Host, exactly
         info.pins[(host, plan.port)] = ip
         self._hygiene(flow, st, is_ws)
         limit = d.limits.get("max_body") or self.settings.limits.body
@@ -458,8 +464,6 @@ class PolicyAddon:
         if is_ws:
             wl = d.limits.get("max_message") or self.settings.limits.ws_message
             flow.metadata[layers.MD_WS_LIMIT] = wl
-        if req.stream is True:
-            req.stream = _counter(flow, layers.MD_BYTES_IN)
 
     def _hygiene(self, flow: http.HTTPFlow, st: FlowState, is_ws: bool) -> None:
         h = flow.request.headers
@@ -507,10 +511,19 @@ class PolicyAddon:
         if bytes_out is None:
             bytes_out = len(resp.raw_content or b"")
         upstream = self._upstream(flow, st) if flow.server_conn.timestamp_start else None
-        if resp.status_code == 101 and flow.websocket is not None:
-            self._emit(st, status=101, upstream=upstream, bytes_in=bytes_in, bytes_out=bytes_out)
+        if flow.request.timestamp_end is None and flow.request.stream:
+            # The origin answered before the guest finished sending (nginx `return` does): the
+            # record waits for the `request` hook so bytes_in is the whole body.
+            st.pending = {"status": resp.status_code, "upstream": upstream, "bytes_out": bytes_out}
             return
         self._emit(st, status=resp.status_code, upstream=upstream, bytes_in=bytes_in, bytes_out=bytes_out)
+
+    @_fail_closed("flow")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st: FlowState | None = flow.metadata.get(MD_STATE)
+        if st is not None and st.pending is not None:
+            pending, st.pending = st.pending, None
+            self._emit(st, bytes_in=flow.metadata.get(layers.MD_BYTES_IN, 0), **pending)
 
     @_fail_closed("flow")
     async def error(self, flow: http.HTTPFlow) -> None:
