@@ -331,7 +331,12 @@ def _unusable_source(addr: str) -> str:
 
 def _parse_audit(node: Node, as_root: bool) -> AuditSettings:
     fields = node.get_map(allowed={"path", "rotate_size", "keep"}, what="audit")
-    path = fields["path"].path("audit path") if "path" in fields else default_audit_path(as_root)
+    path = default_audit_path(as_root)
+    if "path" in fields:
+        pnode = fields["path"]
+        path = pnode.path("audit path")
+        if path.is_dir() or str(pnode.value).endswith("/"):
+            raise pnode.fail(f"audit path {path} is a directory", "name the log file, e.g. /var/log/proxyvm/audit.jsonl")
     rotate_size = DEFAULT_ROTATE_SIZE
     if "rotate_size" in fields:
         rnode = fields["rotate_size"]
@@ -391,6 +396,13 @@ def _parse_user(node: Node) -> str:
             f"create it (adduser --system --no-create-home {name}) or name an existing account",
         ) from None
     return name
+
+
+def _parse_state_dir(node: Node) -> Path:
+    path = node.path("state_dir")
+    if path.exists() and not path.is_dir():
+        raise node.fail(f"state_dir {path} exists and is not a directory")
+    return path
 
 
 def _parse_policy_path(node: Node, shown_base: Path) -> tuple[Path, Path]:
@@ -508,7 +520,7 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
     gateway = problems.run(lambda: _parse_gateway(top["gateway"]), None) if "gateway" in top else None
     user = problems.run(lambda: _parse_user(top["user"]), None) if "user" in top else default_user()
     state_dir = (
-        problems.run(lambda: top["state_dir"].path("state_dir"), None) if "state_dir" in top else None
+        problems.run(lambda: _parse_state_dir(top["state_dir"]), None) if "state_dir" in top else None
     ) or default_state_dir(privileged)
 
     sections: dict[str, Any] = {}

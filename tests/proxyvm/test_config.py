@@ -748,3 +748,17 @@ def test_unreadable_secret_is_a_located_error(monkeypatch: pytest.MonkeyPatch) -
         assert lines == [f"c.yaml:4:40: smtp.relay.auth.password_file file {d}/pw is not readable by this user"]
     finally:
         shutil.rmtree(d)
+
+
+def test_audit_path_and_state_dir_must_be_what_they_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("logs").mkdir()
+    Path("afile").write_text("x")
+    Path("c.yaml").write_text("audit: {path: logs}\nstate_dir: afile\n")
+    assert problems_of("c.yaml") == [
+        f"c.yaml:1:15: audit path {tmp_path}/logs is a directory",
+        "  hint: name the log file, e.g. /var/log/proxyvm/audit.jsonl",
+        f"c.yaml:2:12: state_dir {tmp_path}/afile exists and is not a directory",
+    ]
+    Path("c.yaml").write_text("audit: {path: new/}\n")
+    assert problems_of("c.yaml")[0] == f"c.yaml:1:15: audit path {tmp_path}/new is a directory"
