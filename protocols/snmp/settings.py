@@ -17,7 +17,10 @@ from protocols.snmp import usm
 DEFAULT_AUTH = ("SHA-224", "SHA-256", "SHA-384", "SHA-512")
 ALL_AUTH = (*DEFAULT_AUTH, "SHA", "MD5")
 PRIV_NAMES = tuple(usm.PRIV_PROTOCOLS)
-MIN_PASSWORD = 8  # RFC 3414 §11.2 / net-snmp refuse shorter pass phrases
+MIN_PASSWORD = 8
+DEFAULT_TIMEOUT = 1.0  # seconds per attempt
+DEFAULT_RETRIES = 2
+DEFAULT_ENGINE_ID = bytes.fromhex("8000000001020304")  # RFC 3414 §11.2 / net-snmp refuse shorter pass phrases
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +72,11 @@ class SNMPSettings:
     listen: tuple[tuple[str, int], ...] = ()
     traps_listen: tuple[tuple[str, int], ...] = ()
     communities: tuple[str, ...] = ()
-    engine_id: bytes = bytes.fromhex("8000000001020304")
+    engine_id: bytes = DEFAULT_ENGINE_ID
     agents: dict[str, Agent] = field(default_factory=dict)
     default_agent_credentials: Credentials | None = None
-    default_timeout: float = 1.0
-    default_retries: int = 2
+    default_timeout: float = 1.0  # DEFAULT_TIMEOUT
+    default_retries: int = 2  # DEFAULT_RETRIES
     trap_receivers: tuple[TrapReceiver, ...] = ()
     max_repetitions: int = 50
     limits: Limits = field(default_factory=Limits)
@@ -136,7 +139,7 @@ def parse(node: Node, base: pathlib.Path | None = None) -> SNMPSettings:
     traps_listen = _addresses(top["traps_listen"], 162) if "traps_listen" in top else ()
     communities = tuple(n.str(what="community") for n in top["communities"].get_list("communities")) if (
         "communities" in top) else ()
-    engine_id = SNMPSettings.engine_id
+    engine_id = DEFAULT_ENGINE_ID
     if "engine_id" in top:
         text = top["engine_id"].str(what="engine_id")
         hexpart = text[2:] if text.lower().startswith("0x") else text
@@ -146,8 +149,8 @@ def parse(node: Node, base: pathlib.Path | None = None) -> SNMPSettings:
             raise top["engine_id"].fail(f"engine_id {text!r} is not hexadecimal", "write it as 0x80000000...") from None
         if not 5 <= len(engine_id) <= 32:
             raise top["engine_id"].fail("engine_id must be 5 to 32 octets (RFC 3411)")
-    timeout = top["timeout"].duration("timeout") if "timeout" in top else SNMPSettings.default_timeout
-    retries = top["retries"].int(min=0, max=10, what="retries") if "retries" in top else SNMPSettings.default_retries
+    timeout = top["timeout"].duration("timeout") if "timeout" in top else DEFAULT_TIMEOUT
+    retries = top["retries"].int(min=0, max=10, what="retries") if "retries" in top else DEFAULT_RETRIES
 
     agents: dict[str, Agent] = {}
     seen_comm: dict[str, Node] = {}
