@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import dns.exception
 import dns.message
 import dns.name
 import dns.rcode
@@ -187,6 +188,10 @@ class Validator:
             result = await self._validate(qname, rdtype, response, now)
         except _Indeterminate as exc:
             return indeterminate(str(exc))
+        except (dns.exception.DNSException, ValueError, TypeError, AttributeError, IndexError) as exc:
+            # Malformed records from upstream (or a validator bug): never raise into the service,
+            # never call it secure. Fail closed.
+            result = bogus(f"unprocessable answer: {type(exc).__name__}: {exc}")
         if result.status == Status.BOGUS:
             result = ValidationResult(result.status, result.ede, result.reason, self.bogus_ttl)
             self._bad.put((qname, rdtype), _Bad(result, now + self.bogus_ttl))
