@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
@@ -198,9 +197,3 @@ async def tool(workdir: Path, *argv: str, timeout: float = 30.0, guest: bool = T
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
-
-def direct_env(workdir: Path) -> dict[str, str]:
-    return client_env(workdir)
-
-
-__all__ = ["os"]
