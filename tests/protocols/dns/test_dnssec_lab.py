@@ -1,4 +1,5 @@
-"""The validator against real signed zones, with a validating Unbound as the oracle.
+"""The validator against real signed zones, with a validating Unbound as the oracle; and end to end,
+`proxyvm run` (the real process) validating the same lab for guests asking with dig.
 
 Every case of `tests.labs.dnssec_lab.CASES` is fetched from the non-validating Unbound over DoT (DO=1,
 CD=1, exactly what the DNS service sends), validated by our `Validator`, and the rcode/AD a guest would
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +23,9 @@ import pytest
 sys.path.insert(1, str(Path(__file__).resolve().parents[3]))  # the repo root, for tests.labs
 
 from protocols.dns.dnssec import Status, ValidationResult, Validator, make_validator, parse_anchors  # noqa: E402
-from tests.labs.dnssec_lab import CASES, MISSING, TLD, DNSSECLab, oracle  # noqa: E402
+from tests.labs.dnssec_lab import CASES, MISSING, TLD, DNSSECLab, dig, oracle  # noqa: E402
+from tests.labs.proc import free_port  # noqa: E402
+from tests.labs.proxy import ProxyVM  # noqa: E402
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(bool(MISSING), reason=f"missing peers: {', '.join(MISSING)}")]
 
@@ -132,3 +136,75 @@ def test_dnskey_trust_anchor_file_and_make_validator(dnssec_lab, tmp_path):
     assert good.status == Status.SECURE
     assert bad.status == Status.BOGUS
     assert make_validator(SimpleNamespace(dnssec="off", trust_anchors=anchors), None) is None
+
+
+# ---------------------------------------------------------------- end to end through `proxyvm run`
+# The DNS service forwards over DoT to the lab's iterator Unbound and validates with our validator from
+# the lab's root trust anchor (a `trust_anchors` DS file); bogus answers carry the validator's EDE and
+# its reason reaches the audit log.
+
+PROXY_IP = "127.0.4.20"
+E2E_CASES = [c for c in CASES if c.id in {
+    "alg13-secure", "alg16-secure", "nsec3-nxdomain", "nsec-wildcard", "unsigned-nsec3-optout",
+    "corrupted-rrsig", "expired", "ds-mismatch", "nxdomain-proof-removed", "rrsig-missing",
+    "cname-secure-to-insecure", "cname-secure-to-bogus", "unsupported-algorithm"}]
+
+
+@pytest.fixture(scope="module")
+def proxy(dnssec_lab, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dnssec-e2e")
+    (d / "rules.yaml").write_text("mode: enforce\ndefault: allow\nrules: []\n")
+    port, admin = free_port(PROXY_IP), free_port(PROXY_IP)
+    text = textwrap.dedent(f"""\
+        policy: rules.yaml
+        audit: {{path: audit.jsonl}}
+        admin: {{listen: "{PROXY_IP}:{admin}"}}
+        state_dir: state
+        dns:
+          listen: ["{PROXY_IP}:{port}"]
+          upstreams:
+            - {{address: "127.0.4.10:853", name: upstream.dnssec.lab}}
+          ca_file: {dnssec_lab.ca.ca_pem}
+          dnssec: validate
+          trust_anchors: {dnssec_lab.dir / "root.ds"}
+        """)
+    p = ProxyVM.from_text(d, text)
+    p.port = port  # type: ignore[attr-defined]
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.mark.parametrize("case", E2E_CASES, ids=lambda c: c.id)
+def test_guest_with_do_sees_what_the_oracle_says(proxy, case):
+    got = dig(PROXY_IP, case.qname, case.qtype, port=proxy.port)
+    want = oracle(case.qname, case.qtype)
+    assert (got.rcode, got.ad) == (want.rcode, want.ad), got.text
+    if case.status == "bogus":
+        assert got.ede == case.ede, got.text
+
+
+def test_bogus_reason_is_in_the_audit_record(proxy):
+    qname = f"www.badsig.{TLD}"
+    dig(PROXY_IP, qname, "A", port=proxy.port)
+    rec = proxy.wait_audit(lambda r: r.get("request", {}).get("qname", "").rstrip(".") == qname.rstrip("."))
+    assert "does not verify" in str(rec), rec
+
+
+def test_cd_guest_gets_the_bogus_data_without_ad(proxy):
+    got = dig(PROXY_IP, f"www.badsig.{TLD}", "A", "+cd", port=proxy.port)
+    assert (got.rcode, got.ad) == ("NOERROR", False), got.text
+    assert "192.0.2.1" in got.text
+
+
+def test_do0_guest_gets_no_dnssec_records_and_no_ad(proxy):
+    # dig 9.18 sets AD in its queries by default (RFC 6840 §5.7 then allows AD back): turn it off.
+    got = dig(PROXY_IP, f"www.alg13.{TLD}", "A", "+nodnssec", "+noadflag", port=proxy.port)
+    assert (got.rcode, got.ad) == ("NOERROR", False), got.text
+    assert "RRSIG" not in got.text and "192.0.2.1" in got.text
+
+
+def test_ad_without_do_is_answered_with_ad(proxy):
+    got = dig(PROXY_IP, f"www.alg15.{TLD}", "A", "+nodnssec", "+adflag", port=proxy.port)
+    assert (got.rcode, got.ad) == ("NOERROR", True), got.text
+    assert "RRSIG" not in got.text
