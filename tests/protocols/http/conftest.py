@@ -166,3 +166,13 @@ async def raw_exchange(
         return out
     finally:
         writer.close()
+
+
+async def eventually(probe: Callable[[], Any], timeout: float = 3.0) -> Any:
+    """Poll `probe` until it returns something truthy (records and peer logs land asynchronously)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = probe()
+        if value or asyncio.get_running_loop().time() > deadline:
+            return value
+        await asyncio.sleep(0.02)

@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from tests.protocols.http.conftest import GUEST_IP, PROXY_IP, curl, raw_exchange
+from tests.protocols.http.conftest import GUEST_IP, PROXY_IP, curl, eventually, raw_exchange
 
 pytestmark = pytest.mark.lab
 
@@ -281,9 +281,7 @@ async def test_large_body_streamed_both_ways(svc) -> None:
     res = await curl(*proxy(svc), "http://www.lab.test/upload", "--data-binary", "@" + str(svc.lab.dir / "files" / "10m.bin"))
     assert res.body == f"got {10 * 1024 * 1024}\n"
     # nginx answers before reading the body; the record is written once the guest's body has ended
-    for _ in range(100):
-        recs = svc.records(status=200, request={"method": "POST", "host": "www.lab.test", "path": "/upload", "port": "80"})
-        if recs:
-            break
-        await asyncio.sleep(0.02)
+    recs = await eventually(
+        lambda: svc.records(status=200, request={"method": "POST", "host": "www.lab.test", "path": "/upload", "port": "80"})
+    )
     assert recs[-1]["bytes_in"] == 10 * 1024 * 1024
