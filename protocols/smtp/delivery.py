@@ -12,6 +12,7 @@ policy; log bodies or passwords.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -147,6 +148,10 @@ class Deliverer:
         sessions = [s for bucket in self._idle.values() for s, _ in bucket]
         self._idle.clear()
         await asyncio.gather(*(s.quit() for s in sessions), return_exceptions=True)
+        closer = getattr(self.resolver, "close", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
 
     # -- routing --------------------------------------------------------------------------
     async def _relay_targets(self) -> list[Target]:

@@ -128,6 +128,9 @@ class ValidatingResolver:
     def __init__(self, inner: Any):
         self.inner = inner
 
+    async def close(self) -> None:
+        await self.inner.close()
+
     async def _q(self, name: str, rdtype: str) -> tuple[Answer, list[Any]]:
         try:
             res = await self.inner.resolve_validated(name, rdtype)
