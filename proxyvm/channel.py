@@ -6,14 +6,30 @@ Must not: carry secrets (workers read their own secrets files) or block the even
 worker → supervisor: {"t": "ready", "listening": [...]} · {"t": "audit", "r": [record, ...]} ·
                      {"t": "health", "h": {...}} · {"t": "reloaded", "ok": bool, "errors": [...]} ·
                      {"t": "fatal", "error": "..."}
-supervisor → worker: {"t": "reload"} · {"t": "drain", "timeout": s}
+supervisor → worker: {"t": "reload", "config": <pickled Config>} · {"t": "drain", "timeout": s}
+
+The supervisor (still root) loads and validates the new config on SIGHUP and hands the parsed
+result to the workers: after dropping privileges they may no longer be able to read root-only
+secret files. The channel is a private socketpair between the two, so unpickling is safe here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import copyreg
 import json
+import pickle
+from types import MappingProxyType
 from typing import Any
+
+
+def _mappingproxy(d: dict[Any, Any]) -> MappingProxyType[Any, Any]:
+    return MappingProxyType(d)
+
+
+# Config objects keep read-only mappings; let them cross the channel.
+copyreg.pickle(MappingProxyType, lambda m: (_mappingproxy, (dict(m),)))
 
 MAX_LINE = 64 * 1024 * 1024
 
@@ -28,3 +44,11 @@ async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     if not line:
         return None
     return json.loads(line)
+
+
+def pack(obj: Any) -> str:
+    return base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+
+
+def unpack(text: str) -> Any:
+    return pickle.loads(base64.b64decode(text))  # noqa: S301 - from our own supervisor only

@@ -201,11 +201,12 @@ class Supervisor:
         if changed:
             log.warning("reload: %s changed; those take effect on restart", ", ".join(changed))
         results = {}
+        packed = channel.pack(config)
         for s in self.services.values():
             if s.state != "ready" or s.writer is None:
                 continue
             s.reload_waiter = asyncio.get_running_loop().create_future()
-            s.writer.write(channel.encode({"t": "reload"}))
+            s.writer.write(channel.encode({"t": "reload", "config": packed}))
             try:
                 results[s.name] = await asyncio.wait_for(s.reload_waiter, 120)
             except TimeoutError:
@@ -271,7 +272,11 @@ class Supervisor:
             stop.cancel()
             if hup_pending.is_set() and not self.stopping.is_set():
                 hup_pending.clear()
-                await self.reload()
+                try:
+                    await self.reload()
+                except Exception:  # a reload must never take the supervisor down
+                    log.exception("reload failed")
+                    self.metrics.reloads.labels("error").inc()
         log.info("draining")
         await self.drain()
         flush.cancel()

@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+from policy import load_policy
 from proxyvm import channel
 from proxyvm.audit import now_iso
 from proxyvm.config import load_all
@@ -181,16 +182,21 @@ class Worker:
                 return
             t = msg.get("t")
             if t == "reload":
-                await self._reload()
+                await self._reload(msg.get("config"))
             elif t == "drain":
                 self._drain_timeout = float(msg.get("timeout", 10.0))
                 self.stopping.set()
                 return
 
-    async def _reload(self) -> None:
+    async def _reload(self, packed: str | None) -> None:
         started = time.monotonic()
         try:
-            config, engine = load_all(self.config_path)
+            if packed is None:
+                config, engine = load_all(self.config_path)
+            else:
+                # Parsed (secrets included) by the supervisor; the policy is compiled here.
+                config = channel.unpack(packed)
+                engine = load_policy(config.policy_file, guests=set(config.guests))
             await self.service.reload(getattr(config, self.name), engine)
         except Exception as e:  # noqa: BLE001 - old config stays in force; report why
             self.log.error("reload rejected, old policy stays in force: %s", e)

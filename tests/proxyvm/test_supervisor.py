@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,19 +179,31 @@ def test_sigterm_drains_and_exits_zero(proxy: ProxyVM) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
-def test_drops_privileges_after_binding(tmp_path: Path) -> None:
+def test_drops_privileges_after_binding_and_still_reloads() -> None:
     try:
         pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no 'nobody' user")
-    port = _free()
-    cfg = _config(tmp_path, port, _free(), extra="user: nobody\n")
-    with ProxyVM(cfg) as p:
-        pid = p.worker_pids()["dns"]
-        uid_line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Uid:"))
-        assert int(uid_line.split()[1]) == pwd.getpwnam("nobody").pw_uid
-        assert _udp_query(port, "a.bad.test").rcode() == dns.rcode.REFUSED
-        assert "dropped privileges to nobody" in p.tail()
+    # pytest's tmp dirs are 0700 root; an operator's /etc/proxyvm is world-readable (secrets aside)
+    d = Path(tempfile.mkdtemp(prefix="pvm-priv-"))
+    try:
+        d.chmod(0o755)
+        port = _free()
+        cfg = _config(d, port, _free(), extra="user: nobody\n")
+        with ProxyVM(cfg) as p:
+            pid = p.worker_pids()["dns"]
+            uid_line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+            assert int(uid_line.split()[1]) == pwd.getpwnam("nobody").pw_uid
+            assert _udp_query(port, "a.bad.test").rcode() == dns.rcode.REFUSED
+            assert "dropped privileges to nobody" in p.tail()
+            # the dropped worker gets the parsed config from the supervisor and compiles the policy
+            (d / "rules.yaml").write_text(RULES_V2)
+            p.reload()
+            rec = p.wait_audit(lambda r: r.get("request", {}).get("event") == "reload")
+            assert rec["services"] == {"dns": True}
+            assert _udp_query(port, "a.other.test").rcode() == dns.rcode.REFUSED
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_bad_config_exits_1_with_location(tmp_path: Path) -> None:
