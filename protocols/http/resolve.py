@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import dns.rcode
+
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
@@ -51,8 +53,12 @@ class UpstreamResolver:
         if dns_settings is not None:
             from protocols.dns.resolver import Resolver  # imported only when DNS is configured
 
-            self._dns = Resolver.from_settings(dns_settings)
+            self._dns = Resolver.from_settings(dns_settings, log=self.log)
             self.source = "dns"
+
+    async def close(self) -> None:
+        if self._dns is not None:
+            await self._dns.close()
 
     async def resolve(self, host: str) -> Resolution:
         try:
@@ -83,13 +89,13 @@ class UpstreamResolver:
         errors = []
         for qtype in ("A", "AAAA"):
             r = await self._dns.resolve_validated(host, qtype)
-            rcode = str(getattr(r, "rcode", "NOERROR"))
-            status = str(getattr(r, "status", ""))
-            if rcode.upper().endswith("NOERROR") and r.rrset:
-                addrs = tuple(str(getattr(rd, "address", rd)) for rd in r.rrset)
-                return Resolution(addrs, "dns"), float(getattr(r, "ttl", 60) or 60)
-            ede = getattr(r, "ede", None)
-            errors.append(f"{qtype}: {rcode}{' ' + status if status else ''}{' (' + str(ede) + ')' if ede else ''}")
+            if int(r.rcode) == 0 and r.rrset:
+                addrs = tuple(str(rd.address) for rd in r.rrset if hasattr(rd, "address"))
+                if addrs:
+                    return Resolution(addrs, "dns"), float(r.ttl or 60)
+            rcode = dns.rcode.to_text(int(r.rcode))
+            ede = f", EDE {r.ede}" if r.ede is not None else ""
+            errors.append(f"{qtype}: {rcode if r.rcode else 'no address'} ({r.status}{ede})")
         return Resolution((), "dns", "cannot resolve host (" + "; ".join(errors) + ")"), 5.0
 
     async def _via_system(self, host: str) -> tuple[Resolution, float]:

@@ -219,6 +219,11 @@ class HTTPService:
         self._servers.clear()
         if self.master is not None:
             await self.master.addons.trigger_event(mhooks.DoneHook())
+        if self.resolver is not None:
+            try:
+                await self.resolver.close()
+            except Exception:
+                self.log.debug("http: resolver close failed", exc_info=True)
 
     def health(self) -> dict[str, Any]:
         conns = len(self.addon.conns) if self.addon else 0

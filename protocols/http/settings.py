@@ -71,10 +71,13 @@ _TOP = {
 }
 
 
-def _addresses(node: Node, default_port: int) -> tuple[Address, ...]:
+def _addresses(node: Node, default_port: int, kind: str, seen: dict[Address, str]) -> tuple[Address, ...]:
     out = []
     for item in node.get_list("addresses", allow_scalar=True):
         host, port = item.hostport(default_port=default_port)
+        if (host, port) in seen:
+            raise item.fail(f"{host}:{port} is used by both {seen[(host, port)]} and {kind} listeners")
+        seen[(host, port)] = kind
         out.append((host, port))
     return tuple(out)
 
@@ -93,12 +96,13 @@ def parse(node: Node, base: Path | None = None) -> HTTPSettings:
         node.base = base
     m = node.get_map(allowed=_TOP, what="http")
     kw: dict[str, object] = {}
+    seen: dict[Address, str] = {}
     if "listen" in m:
-        kw["listen"] = _addresses(m["listen"], 80)
+        kw["listen"] = _addresses(m["listen"], 80, "transparent", seen)
     if "proxy_listen" in m:
-        kw["proxy_listen"] = _addresses(m["proxy_listen"], 3128)
+        kw["proxy_listen"] = _addresses(m["proxy_listen"], 3128, "proxy", seen)
     if "passthrough_listen" in m:
-        kw["passthrough_listen"] = _addresses(m["passthrough_listen"], 443)
+        kw["passthrough_listen"] = _addresses(m["passthrough_listen"], 443, "passthrough", seen)
     if "ca_file" in m:
         p = m["ca_file"].path("ca_file")
         if not p.is_file():
@@ -135,12 +139,7 @@ def parse(node: Node, base: Path | None = None) -> HTTPSettings:
         tm = m["timeouts"].get_map(allowed={"header", "idle", "dns"}, what="http.timeouts")
         kw["timeouts"] = TimeoutSettings(**{k: _positive(v, k) for k, v in tm.items()})
     settings = HTTPSettings(**kw)  # type: ignore[arg-type]
-    seen: dict[Address, str] = {}
-    for kind, addr in settings.all_listeners:
-        if addr in seen:
-            raise node.fail(f"{addr[0]}:{addr[1]} is used by both {seen[addr]} and {kind} listeners")
-        seen[addr] = kind
-    if not seen:
+    if not settings.all_listeners:
         raise node.fail(
             "the http section has no listener",
             "set listen, proxy_listen or passthrough_listen (or remove the section to turn HTTP off)",
