@@ -22,7 +22,7 @@ class CacheEntry:
 
     __slots__ = (
         "wire", "ttl_offsets", "ttls", "stored", "expires", "rcode", "status", "ede",
-        "qname", "qtype", "answer_ips", "private_ips", "upstream", "_memo_age", "_memo",
+        "qname", "qtype", "answer_ips", "private_ips", "upstream", "reason", "_memo_age", "_memo",
     )
 
     def __init__(
@@ -55,6 +55,7 @@ class CacheEntry:
         self.answer_ips = answer_ips  # every A/AAAA address in the answer (for answer_ip rules)
         self.private_ips = private_ips  # those in private/loopback/link-local/unspecified ranges
         self.upstream = upstream
+        self.reason = ""  # why a SERVFAIL entry failed validation (for the audit record)
         self._memo_age = -1
         self._memo = wire
 

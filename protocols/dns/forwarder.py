@@ -139,25 +139,29 @@ class Forwarder:
         if validate:
             if isinstance(self.validator, NoValidator):
                 return self._servfail(key, qname, qtype, ans, "indeterminate", wire.EDE_OTHER,
-                                      "DNSSEC validator not installed")
+                                      "DNSSEC validator not installed", 0)
             qn = msg.question[0].name if msg.question else dns.name.from_wire(question, 0)[0]
             try:
                 res = await self.validator.validate(qn, struct.unpack_from("!H", question, len(question) - 4)[0], msg)
             except Exception as e:  # noqa: BLE001 - a validator crash must fail closed, not open
                 self.log.exception("dnssec validator failed for %s %s", qname, qtype)
                 return self._servfail(key, qname, qtype, ans, "indeterminate", wire.EDE_DNSSEC_BOGUS,
-                                      f"validator error: {e}")
+                                      f"validator error: {e}", 0)
             status = res.status
             if status in ("bogus", "indeterminate"):
                 ede = res.ede if res.ede is not None else wire.EDE_DNSSEC_BOGUS
-                return self._servfail(key, qname, qtype, ans, status, ede, res.reason)
+                # bogus: the bad cache (the validator's lifetime or ours); indeterminate means a
+                # fetch failed, which is worth retrying on the next query.
+                life = (res.ttl if res.ttl is not None else self.settings.cache.bogus_ttl) if status == "bogus" else 0
+                return self._servfail(key, qname, qtype, ans, status, ede, res.reason, life)
             vttl = res.ttl
         return self._entry(key, qname, qtype, msg, ans, g_edns=g_edns, g_do=g_do, status=status, vttl=vttl)
 
     def _servfail(
-        self, key: bytes, qname: str, qtype: str, ans: UpstreamAnswer, status: str, ede: int, reason: str
+        self, key: bytes, qname: str, qtype: str, ans: UpstreamAnswer, status: str, ede: int, reason: str,
+        lifetime: int,
     ) -> CacheEntry:
-        """A SERVFAIL entry for bogus data (the bad cache): remembered for `cache.bogus_ttl`."""
+        """A SERVFAIL entry for data that failed validation, cached for `lifetime` (the bad cache)."""
         bits = key[-1]
         head = struct.pack("!HBBHHHH", 0, wire.QR, wire.RA | wire.SERVFAIL, 1, 0, 0,
                            1 if bits & wire.KEY_EDNS else 0)
@@ -165,10 +169,11 @@ class Forwarder:
         if bits & wire.KEY_EDNS:
             w += wire.opt_rr(self.settings.edns_udp_size, bool(bits & wire.KEY_DO),
                              wire.ede_option(ede, reason[:200]))
-        entry = CacheEntry(w, (), (), stored=self.clock(), lifetime=self.settings.cache.bogus_ttl,
+        entry = CacheEntry(w, (), (), stored=self.clock(), lifetime=lifetime,
                            rcode=wire.SERVFAIL, qname=qname, qtype=qtype, status=status, ede=ede,
                            upstream=ans.audit())
-        if self.settings.cache.bogus_ttl > 0:
+        entry.reason = reason
+        if lifetime > 0:
             self.cache.put(key, entry)
         return entry
 

@@ -457,7 +457,11 @@ class DNSService:
                             upstream=entry.upstream, cache=how, truncated=True)
                 return
         send(bytes(buf))
-        if entry.status is not None:
+        if entry.reason:
+            self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
+                        upstream=entry.upstream, cache=how, dnssec=entry.status, ede=entry.ede,
+                        error=entry.reason)
+        elif entry.status is not None:
             self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
                         upstream=entry.upstream, cache=how, dnssec=entry.status)
         else:

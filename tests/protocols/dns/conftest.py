@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[3]))  # the repo root, for tests.labs
 
-from dnsfront_lab import DIG, UNBOUND, Upstream, start_unbound  # noqa: E402
+from dnsfront_lab import DIG, UNBOUND, Upstream, pick_ip, start_unbound  # noqa: E402
 
 from policy import load_policy  # noqa: E402
 from policy.source import parse_yaml  # noqa: E402
@@ -27,7 +27,6 @@ from tests.labs.pki import LabCA  # noqa: E402
 from tests.labs.proc import free_port  # noqa: E402
 
 PROXY_IP = "127.0.3.1"
-UP1_IP = "127.0.3.2"
 
 needs_peers = pytest.mark.skipif(not (UNBOUND and DIG), reason="unbound and dig (dnsutils) are not installed")
 
@@ -69,7 +68,7 @@ def lab_ca(lab_dir: Path) -> LabCA:
 def upstream1(lab_dir: Path, lab_ca: LabCA) -> Any:
     if not (UNBOUND and DIG):
         pytest.skip("unbound and dig (dnsutils) are not installed")
-    up = start_unbound(lab_dir, lab_ca, UP1_IP, name="dot1.lab.test")
+    up = start_unbound(lab_dir, lab_ca, pick_ip(), name="dot1.lab.test")
     yield up
     up.stop()
 

@@ -13,8 +13,10 @@ test can prove the proxy never sent it a plaintext query.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ ZONE = """
     local-data: "named.lab.test. 300 IN A 192.168.1.5"
     local-data: "mixed.lab.test. 300 IN A 192.0.2.30"
     local-data: "mixed.lab.test. 300 IN A 198.51.100.7"
+    local-data: "alias.lab.test. 300 IN CNAME www.lab.test."
+    local-data: "mx.lab.test. 300 IN MX 10 mail.lab.test."
     local-zone: "wild.test." redirect
     local-data: "wild.test. 300 IN A 192.0.2.1"
 """
@@ -111,6 +115,34 @@ def start_unbound(
         log=d / "stderr.log",
     ).start()
     return Upstream(address, dot_port, name, log, daemon, cert)
+
+
+_taken: set[str] = set()
+
+
+def pick_ip(ports: tuple[int, ...] = (853, 53)) -> str:
+    """A 127.0.3.x address whose ports are free right now. Random, so that two test runs on one
+    machine (engineers running the suite side by side) do not meet each other's Unbound."""
+    candidates = [f"127.0.3.{i}" for i in range(16, 255)]
+    random.shuffle(candidates)
+    for ip in candidates:
+        if ip in _taken:
+            continue
+        socks = []
+        try:
+            for port in ports:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    socks.append(s)
+                    s.bind((ip, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        _taken.add(ip)
+        return ip
+    raise RuntimeError("no free 127.0.3.x address")
 
 
 # -- guest clients -------------------------------------------------------------------------------

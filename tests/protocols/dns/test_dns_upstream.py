@@ -14,7 +14,7 @@ import dns.message
 import dns.rcode
 import pytest
 from conftest import PROXY_IP, needs_peers, up_yaml
-from dnsfront_lab import dig, start_unbound
+from dnsfront_lab import dig, pick_ip, start_unbound
 
 from tests.labs.pki import LabCA, spki_pin
 
@@ -62,17 +62,18 @@ async def test_spki_pins(make_proxy, upstream1, lab_ca: LabCA, tmp_path: Path) -
 async def test_plaintext_only_upstream_gets_no_plaintext(make_proxy, lab_dir: Path, tmp_path: Path) -> None:
     """An upstream that only speaks plain DNS on the configured port: SERVFAIL, and a capture of
     every packet to it shows the query name never crossed the wire."""
-    plain = start_unbound(lab_dir, None, "127.0.3.4", dot_port=8853, plain_only=True)
+    ip = pick_ip((8853,))
+    plain = start_unbound(lab_dir, None, ip, dot_port=8853, plain_only=True)
     pcap = tmp_path / "lo.pcap"
     cap = await asyncio.create_subprocess_exec(
-        "tcpdump", "-i", "lo", "-U", "-n", "-w", str(pcap), "host", "127.0.3.4",
+        "tcpdump", "-i", "lo", "-U", "-n", "-w", str(pcap), "host", ip,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert cap.stderr is not None
         await asyncio.wait_for(cap.stderr.readline(), 10)  # "listening on lo ..." once it runs
         p = await make_proxy(
-            '- {address: "127.0.3.4:8853", name: plain.lab.test}', "timeouts: {connect: 700ms, query: 2s}"
+            f'- {{address: "{ip}:8853", name: plain.lab.test}}', "timeouts: {connect: 700ms, query: 2s}"
         )
         r = await dig(PROXY_IP, p.port, "secretname.lab.test", "A")
         assert r.status == "SERVFAIL" and r.ede and r.ede[0][0] in (22, 23), r.text
@@ -88,7 +89,8 @@ async def test_plaintext_only_upstream_gets_no_plaintext(make_proxy, lab_dir: Pa
 
 
 async def test_failover_when_upstream_killed_mid_run(make_proxy, upstream1, lab_dir: Path, lab_ca: LabCA) -> None:
-    victim = start_unbound(lab_dir, lab_ca, "127.0.3.3", name="dot2.lab.test")
+    vip = pick_ip()
+    victim = start_unbound(lab_dir, lab_ca, vip, name="dot2.lab.test")
     try:
         p = await make_proxy(up_yaml(victim) + "\n" + up_yaml(upstream1), "timeouts: {probe: 300ms}")
         base = time.time_ns()
@@ -100,7 +102,7 @@ async def test_failover_when_upstream_killed_mid_run(make_proxy, upstream1, lab_
 
         first = await asyncio.gather(*(one(i) for i in range(30)))
         assert set(first) == {"NOERROR"}
-        assert {x["upstream"]["address"] for x in p.records()} == {"127.0.3.3:853"}  # config order
+        assert {x["upstream"]["address"] for x in p.records()} == {f"{vip}:853"}  # config order
         # kill it while queries are in flight
         batch = [asyncio.ensure_future(one(i)) for i in range(30, 130)]
         await asyncio.sleep(0.01)
@@ -108,14 +110,14 @@ async def test_failover_when_upstream_killed_mid_run(make_proxy, upstream1, lab_
         results = await asyncio.gather(*batch)
         assert set(results) == {"NOERROR"}, results
         used = {x["upstream"]["address"] for x in p.records()[30:]}
-        assert "127.0.3.2:853" in used
+        assert f"{upstream1.address}:853" in used
         h = {u["address"]: u for u in p.svc.health()["upstreams"]}
-        assert h["127.0.3.3:853"]["state"] == "down", [(x["address"], x["last_error"], x["failures"], x["connects"]) for x in h.values()]
+        assert h[f"{vip}:853"]["state"] == "down", [(x["address"], x["last_error"], x["failures"], x["connects"]) for x in h.values()]
         # it comes back: the prober re-establishes a verified connection
-        victim = start_unbound(lab_dir, lab_ca, "127.0.3.3", name="dot2.lab.test")
+        victim = start_unbound(lab_dir, lab_ca, vip, name="dot2.lab.test")
         for _ in range(50):
             await asyncio.sleep(0.1)
-            if {u["address"]: u for u in p.svc.health()["upstreams"]}["127.0.3.3:853"]["state"] == "up":
+            if {u["address"]: u for u in p.svc.health()["upstreams"]}[f"{vip}:853"]["state"] == "up":
                 break
         else:
             pytest.fail("upstream not probed back into rotation")
@@ -173,14 +175,14 @@ async def test_stampede_one_upstream_query_for_many_misses(make_proxy, upstream1
 
 
 async def test_no_upstream_reachable_is_servfail_ede22(make_proxy) -> None:
-    p = await make_proxy('- {address: "127.0.3.5:853", name: nobody.lab.test}')
+    p = await make_proxy(f'- {{address: "{pick_ip()}:853", name: nobody.lab.test}}')
     r = await dig(PROXY_IP, p.port, "www.lab.test", "A")
     assert r.status == "SERVFAIL" and r.ede and r.ede[0][0] == 22, r.text
     assert "alarm" not in p.records()[-1]
 
 
 async def test_serve_stale_when_upstreams_fail(make_proxy, lab_dir: Path, lab_ca: LabCA) -> None:
-    up = start_unbound(lab_dir, lab_ca, "127.0.3.6", name="dot6.lab.test")
+    up = start_unbound(lab_dir, lab_ca, pick_ip(), name="dot6.lab.test")
     try:
         p = await make_proxy(up_yaml(up), "cache: {serve_stale: 1h}\ntimeouts: {query: 1s, upstream: 500ms}")
         r = await dig(PROXY_IP, p.port, "short.lab.test", "A")

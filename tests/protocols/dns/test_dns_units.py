@@ -1,0 +1,220 @@
+"""Pure pieces with no sockets: wire parsing/building, the byte cache, answer shaping, settings."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from policy.source import SourceError, parse_yaml
+from protocols.dns import wire
+from protocols.dns.cache import Cache, CacheEntry
+from protocols.dns.forwarder import Forwarder, is_private_ip
+from protocols.dns.settings import DNSSettings, parse
+from protocols.dns.upstream import UpstreamAnswer
+
+# -- wire ----------------------------------------------------------------------------------------
+
+
+def test_parse_query_reads_bytes_and_keys_variants() -> None:
+    q = dns.message.make_query("WwW.Example.COM", "AAAA", use_edns=0, payload=4096, want_dnssec=True)
+    q.flags |= dns.flags.CD
+    p = wire.parse_query(q.to_wire())
+    assert p.id == q.id and p.qtype == 28 and p.qclass == 1 and p.opcode == 0
+    assert p.qname == b"\x03WwW\x07Example\x03COM\x00"
+    assert p.edns and p.do and p.cd and p.udp_size == 4096
+    assert p.key == b"\x03www\x07example\x03com\x00\x00\x1c\x00\x01" + bytes((7,))
+    plain = wire.parse_query(dns.message.make_query("www.example.com", "AAAA").to_wire())
+    assert plain.key[:-1] == p.key[:-1] and plain.key[-1] == 0 and plain.udp_size == 512
+    assert wire.qname_text(p.qname) == "www.example.com"
+    assert wire.qname_text(b"\x03a.b\x01\x00\x00") == "a\\.b.\\000"
+
+
+@pytest.mark.parametrize(
+    ("data", "exc"),
+    [
+        (b"", wire.Malformed),
+        (b"\x00\x01\x00", wire.Malformed),
+        (b"\x00\x01\x80\x00" + b"\x00\x01" + b"\x00" * 6 + b"\x00\x00\x01\x00\x01", wire.Malformed),  # QR=1
+        (b"\x00\x01\x00\x00\x00\x00" + b"\x00" * 6, wire.FormErr),  # QDCOUNT 0
+        (b"\x00\x01\x00\x00\x00\x01" + b"\x00" * 6 + b"\x05ab", wire.FormErr),  # label past the end
+        (b"\x00\x01\x00\x00\x00\x01" + b"\x00" * 6 + b"\xc0\x0c\x00\x01\x00\x01", wire.FormErr),  # pointer
+        (b"\x00\x01\x00\x00\x00\x01" + b"\x00" * 6 + b"\x00\x00\x01", wire.FormErr),  # class missing
+        (b"\x00\x01\x00\x00\x00\x01" + b"\x00" * 6 + b"\x3f" * 300, wire.FormErr),  # name > 255
+        (b"\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x01" + b"\x00\x00\x01\x00\x01" + b"\x00\x00\x29", wire.FormErr),
+    ],
+)
+def test_parse_query_rejects(data: bytes, exc: type[Exception]) -> None:
+    with pytest.raises(exc):
+        wire.parse_query(data)
+
+
+def test_upstream_query_is_padded_with_keepalive() -> None:
+    for name in ("a.", "www.example.com.", "x" * 60 + ".example.org."):
+        question = dns.name.from_text(name).to_wire() + b"\x00\x01\x00\x01"
+        w = wire.upstream_query(question, cd=True, do=True)
+        assert len(w) % 128 == 0
+        m = dns.message.from_wire(bytes(w))
+        assert m.flags & dns.flags.RD and m.flags & dns.flags.CD and m.ednsflags & dns.flags.DO
+        codes = [o.otype for o in m.options]
+        assert codes == [dns.edns.OptionType.KEEPALIVE, dns.edns.OptionType.PADDING]
+    w = wire.upstream_query(question, cd=False, do=False)
+    m = dns.message.from_wire(bytes(w))
+    assert not m.flags & dns.flags.CD and not m.ednsflags & dns.flags.DO
+
+
+def test_error_response_and_ede() -> None:
+    q = dns.message.make_query("x.example", "A", use_edns=0)
+    data = q.to_wire()
+    r = dns.message.from_wire(wire.error_response(data, wire.parse_query(data), wire.REFUSED, 15, "rule-1"))
+    assert r.id == q.id and r.rcode() == dns.rcode.REFUSED and r.question == q.question
+    assert [(o.code, o.text) for o in r.options] == [(15, "rule-1")]
+    # no EDNS from the guest: no OPT, hence no EDE (RFC 8914 §3)
+    q2 = dns.message.make_query("x.example", "A")
+    r2 = dns.message.from_wire(wire.error_response(q2.to_wire(), wire.parse_query(q2.to_wire()), wire.SERVFAIL, 22))
+    assert r2.rcode() == dns.rcode.SERVFAIL and r2.edns < 0
+    # add_ede appends to an existing OPT
+    resp = dns.message.make_response(q)
+    w = wire.add_ede(resp.to_wire(), 3)
+    assert [o.code for o in dns.message.from_wire(w).options] == [3]
+
+
+def test_is_private_ip() -> None:
+    for ip in ("10.1.2.3", "127.0.0.1", "169.254.1.1", "0.0.0.0", "192.168.0.1", "172.31.255.255", "::1", "::",
+               "fe80::1", "fd00::5", "::ffff:10.0.0.1", "100.64.0.1"):
+        assert is_private_ip(ip), ip
+    for ip in ("192.0.2.1", "8.8.8.8", "2001:db8::1", "172.32.0.1", "198.18.0.10"):
+        assert not is_private_ip(ip), ip
+
+
+# -- cache ---------------------------------------------------------------------------------------
+
+def _entry(now: float, ttl: int = 100) -> CacheEntry:
+    q = dns.message.make_query("a.example", "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("a.example.", ttl, "IN", "A", "192.0.2.1"))
+    w = r.to_wire()
+    offs, _ = wire.scan(w)
+    return CacheEntry(w, tuple(offs), (ttl,), stored=now, lifetime=ttl, rcode=0, qname="a.example", qtype="A")
+
+
+def test_cache_ttl_countdown_expiry_lru_and_stale() -> None:
+    c = Cache(size=2, serve_stale=50)
+    e = _entry(1000.0)
+    c.put(b"k1", e)
+    got = c.get(b"k1", 1010.4)
+    assert got is e
+    assert dns.message.from_wire(got.wire_at(1010.4)).answer[0].ttl == 90
+    assert dns.message.from_wire(got.wire_at(1099.9)).answer[0].ttl == 1
+    assert c.get(b"k1", 1100.0) is None and c.get_stale(b"k1", 1120.0) is e
+    assert dns.message.from_wire(e.stale_wire(30)).answer[0].ttl == 30
+    assert c.get_stale(b"k1", 1151.0) is None
+    c.put(b"a", _entry(0))
+    c.put(b"b", _entry(0))
+    c.get(b"a", 1)
+    c.put(b"c", _entry(0))  # evicts the least recently used: b
+    assert c.get(b"b", 1) is None and c.get(b"a", 1) is not None and len(c) == 2
+
+
+# -- answer shaping (Forwarder._entry) --------------------------------------------------------------
+
+def _fw(**cache: int) -> Forwarder:
+    from protocols.dns.settings import CacheSettings
+
+    s = DNSSettings(dnssec="off", cache=CacheSettings(**cache))
+    return Forwarder(s, logging.getLogger("t"))
+
+
+def _answer(msg: dns.message.Message) -> UpstreamAnswer:
+    return UpstreamAnswer(msg.to_wire(), "127.0.3.2:853", "dot", "TLSv1.3", False)
+
+
+def test_do0_guest_gets_no_dnssec_records_and_ttls_capped() -> None:
+    fw = _fw(max_ttl=60)
+    q = dns.message.make_query("a.example", "A", want_dnssec=True)
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("a.example.", 300, "IN", "A", "192.0.2.1"))
+    r.answer.append(dns.rrset.from_text(
+        "a.example.", 300, "IN", "RRSIG",
+        "A 13 2 300 20300101000000 20200101000000 12345 example. "
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"))
+    question = dns.name.from_text("a.example").to_wire() + b"\x00\x01\x00\x01"
+    e0 = fw._entry(question + bytes((wire.KEY_EDNS,)), "a.example", "A", dns.message.from_wire(r.to_wire()),
+                   _answer(r), g_edns=True, g_do=False, status=None, vttl=None)
+    m0 = dns.message.from_wire(e0.wire)
+    assert [x.rdtype for x in m0.answer] == [dns.rdatatype.A] and m0.answer[0].ttl == 60
+    e1 = fw._entry(question + bytes((wire.KEY_EDNS | wire.KEY_DO,)), "a.example", "A",
+                   dns.message.from_wire(r.to_wire()), _answer(r), g_edns=True, g_do=True, status="secure", vttl=20)
+    m1 = dns.message.from_wire(e1.wire)
+    assert sorted(x.rdtype for x in m1.answer) == [dns.rdatatype.A, dns.rdatatype.RRSIG]
+    assert m1.ednsflags & dns.flags.DO and e1.expires - e1.stored == 20 and e1.status == "secure"
+    assert e0.answer_ips == ("192.0.2.1",) and e0.private_ips == ()
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+def _parse(text: str, tmp_path: Path) -> DNSSettings:
+    node = parse_yaml(textwrap.dedent(text), str(tmp_path / "c.yaml"), tmp_path)
+    return parse(node.get_map()["dns"], tmp_path)
+
+
+def test_settings_full(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "root.key").write_text("x")
+    s = _parse("""
+    dns:
+      listen: ["127.0.3.1:5353", "[::1]:53", "127.0.3.1"]
+      upstreams:
+        - {address: "192.0.2.53:853", name: DoT.Example.}
+        - {address: "[2001:db8::53]", name: b.example, pins: ["sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="]}
+      ca_file: ca.pem
+      dnssec: false
+      trust_anchors: root.key
+      cache: {size: 10, serve_stale: true, max_ttl: 1h, bogus_ttl: 10s}
+      rebinding_protection: false
+      timeouts: {query: 3s, upstream: 1s, tcp_idle: 5s}
+      limits: {inflight: 5, tcp_connections: 3}
+    """, tmp_path)
+    assert s.listen == (("127.0.3.1", 5353), ("::1", 53), ("127.0.3.1", 53))
+    assert s.upstreams[0].name == "dot.example" and s.upstreams[0].port == 853
+    assert s.upstreams[1].host == "2001:db8::53" and len(s.upstreams[1].pins[0]) == 32
+    assert s.upstreams[1].address == "[2001:db8::53]:853"
+    assert s.ca_file == tmp_path / "ca.pem" and s.dnssec == "off" and not s.validate
+    assert s.cache.size == 10 and s.cache.serve_stale == 86400 and s.cache.max_ttl == 3600
+    assert s.timeouts.query == 3 and s.limits.inflight == 5 and not s.rebinding_protection
+    assert _parse("dns:\n  dnssec: validate\n", tmp_path).validate
+    assert _parse("dns:\n  listen: 127.0.0.1:53\n", tmp_path).upstreams[0].name == "dns.quad9.net"
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        ("dns:\n  listn: []\n", "2:3", "unknown key 'listn' in dns\n  hint: did you mean 'listen'?"),
+        ("dns:\n  listen: [\"dns.example:53\"]\n", "2:12", "must be an IP address"),
+        ("dns:\n  upstreams:\n    - {address: \"dns.quad9.net:853\", name: x}\n", "3:17", "must be an IP address"),
+        ("dns:\n  upstreams:\n    - {address: \"9.9.9.9:853\"}\n", "3:7", "missing required key 'name'"),
+        ("dns:\n  upstreams:\n    - {address: \"9.9.9.9\", name: x, pins: [\"md5/abc\"]}\n", "3:44", "bad pin"),
+        ("dns:\n  upstreams: []\n", "2:14", "dns.upstreams is empty"),
+        ("dns:\n  dnssec: maybe\n", "2:11", "unknown dnssec mode 'maybe'"),
+        ("dns:\n  ca_file: nowhere.pem\n", "2:12", "does not exist"),
+        ("dns:\n  cache: {size: -1}\n", "2:17", "at least 0"),
+        ("dns:\n  cache: {serve_stale: soon}\n", "2:24", "bad duration"),
+        ("dns:\n  timeouts: {query: 1s, upstream: 2s}\n", "2:35", "longer than timeouts.query"),
+        ("dns:\n  limits: {inflight: 0}\n", "2:22", "at least 1"),
+        ("dns:\n  plaintext: true\n", "2:3", "unknown key 'plaintext'"),
+        ("dns:\n  rebinding_protection: sometimes\n", "2:25", "expected true or false"),
+    ],
+)
+def test_settings_errors_are_located(tmp_path: Path, text: str, where: str, message: str) -> None:
+    with pytest.raises(SourceError) as ei:
+        _parse(text, tmp_path)
+    text_err = str(ei.value)
+    assert f"c.yaml:{where}:" in text_err and message in text_err, text_err
