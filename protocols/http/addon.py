@@ -168,7 +168,9 @@ class PolicyAddon:
         return self.ctx.settings
 
     def reset_tls(self) -> None:
+        """Rebuild the upstream TLS context (reload with a new ca_file); fails loudly if unreadable."""
         self._ssl_ctx = None
+        self.ssl_context()
 
     def ssl_context(self) -> SSL.Context:
         if self._ssl_ctx is None:

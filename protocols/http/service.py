@@ -114,6 +114,7 @@ class HTTPService:
         self.master._legacy_log_events.uninstall()
         self._listen_addrs = {a for _, a in s.all_listeners}
         self.addon = PolicyAddon(self.ctx, self.resolver, self._listen_addrs)
+        self.addon.ssl_context()  # read the CA file now, before the worker drops privileges
         self.master.addons.add(Proxyserver(), self.addon)
         opts.update(**self._options())
         await self.master.addons.trigger_event(mhooks.RunningHook())
