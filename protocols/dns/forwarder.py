@@ -277,8 +277,11 @@ class Forwarder:
         }
 
     async def close(self) -> None:
-        for t in list(self.flights.values()):
+        tasks = [*self.flights.values(), *self._fetch_flights.values()]
+        for t in tasks:
             t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.pool.close()
 
 

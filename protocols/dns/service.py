@@ -272,8 +272,11 @@ class DNSService:
         for c in list(self.tcp_conns):
             if c.transport is not None:
                 c.transport.close()
-        for t in list(self.tasks):
+        left = list(self.tasks)
+        for t in left:
             t.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
         self.transports.clear()
         self.servers.clear()
         if self.fw is not None:

@@ -129,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self.answers = 0
         self.created = time.monotonic()
+        self.loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,8 +191,9 @@ class _Connection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         if self._idle:
             self._idle.cancel()
-        loop = asyncio.get_running_loop()
-        self._idle = loop.call_later(self.idle_timeout, self._idle_close)
+        if self.transport is None or self.closed:
+            return
+        self._idle = self.loop.call_later(self.idle_timeout, self._idle_close)
 
     def _idle_close(self) -> None:
         if not self.pending and self.transport is not None:
@@ -422,7 +424,10 @@ class UpstreamPool:
 
     async def close(self) -> None:
         self.closed = True
-        for t in list(self._probes.values()):
+        probes = list(self._probes.values())
+        for t in probes:
             t.cancel()
+        if probes:
+            await asyncio.gather(*probes, return_exceptions=True)
         for u in self.upstreams:
             u.close()
