@@ -27,6 +27,7 @@ Clock = Callable[[], float]
 
 _NO_LIMITS: Mapping[str, int] = MappingProxyType({})
 _SHOW_MAX = 200
+_SET_KINDS = frozenset({KeyKind.QTYPE, KeyKind.METHOD, KeyKind.OP, KeyKind.PORT, KeyKind.TEXT})
 
 
 def load_policy(
@@ -178,11 +179,13 @@ class Engine:
                     index.add_names(names.exact, names.below, names.any, bit)
                     del names
             checks.append(_KeyCheck(key, kind, index, every & ~cmask))
+        # AND is commutative: probe the most selective keys first so a miss stops early.
+        checks.sort(key=lambda c: (c.kind in _SET_KINDS, -len(c.index)))
         table.checks = tuple(checks)
         table.fast = tuple((c.key, c.index.lookup, c.free) for c in checks)
         table.by_key = {c.key: c for c in checks}
         for pos, r in enumerate(rules):
-            keys = [c for c in checks if c.key in r.constrained_keys()]
+            keys = [table.by_key[k] for k in MATCH_KEYS[protocol] if k in r.constrained_keys()]
             table.entries.append(_RuleEntry(r, 1 << pos, keys, self._monitor, protocol))
             if r.action is Action.ALLOW:
                 table.allow_mask |= 1 << pos

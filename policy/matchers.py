@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from policy.model import (
@@ -43,6 +42,7 @@ class Index(Protocol):
     def add(self, pattern: Pattern, bit: int) -> None: ...
     def lookup(self, value: Any, explicit: bool = False) -> int: ...
     def explain(self, value: Any, bit: int) -> str | None: ...
+    def __len__(self) -> int: ...
 
 
 def _or_into(d: dict[Any, int], key: Any, bit: int) -> None:
@@ -117,17 +117,19 @@ class NameIndex:
 
 
 class SetIndex:
-    """Exact values after a normalisation (qtype/method upper-case, op lower-case, port as digits)."""
+    """Exact values (SNMP agent names, "ip:port")."""
 
-    __slots__ = ("values", "norm")
+    __slots__ = ("values",)
 
-    def __init__(self, norm: Callable[[Any], str]) -> None:
+    def __init__(self) -> None:
         self.values: dict[str, int] = {}
-        self.norm = norm
 
     def add(self, pattern: Pattern, bit: int) -> None:
         assert isinstance(pattern, Literal)
         _or_into(self.values, pattern.value, bit)
+
+    def norm(self, value: Any) -> str:
+        return str(value).strip()
 
     def lookup(self, value: Any, explicit: bool = False) -> int:
         return self.values.get(self.norm(value), 0)
@@ -136,19 +138,42 @@ class SetIndex:
         v = self.norm(value)
         return v if self.values.get(v, 0) & bit else None
 
-
-def _port_norm(value: Any) -> str:
-    s = str(value).strip()
-    return str(int(s)) if s.isdigit() else s
+    def __len__(self) -> int:
+        return len(self.values)
 
 
-_NORMS: dict[KeyKind, Callable[[Any], str]] = {
-    KeyKind.QTYPE: lambda v: str(v).upper(),
-    KeyKind.METHOD: lambda v: str(v).upper(),
-    KeyKind.OP: lambda v: str(v).lower(),
-    KeyKind.PORT: _port_norm,
-    KeyKind.TEXT: lambda v: str(v).strip(),
-}
+class UpperSetIndex(SetIndex):
+    """qtype, HTTP method: compared upper-case."""
+
+    __slots__ = ()
+
+    def norm(self, value: Any) -> str:
+        return value.upper() if value.__class__ is str else str(value).upper()
+
+    def lookup(self, value: Any, explicit: bool = False) -> int:
+        return self.values.get(value.upper() if value.__class__ is str else str(value).upper(), 0)
+
+
+class LowerSetIndex(SetIndex):
+    """SNMP op: compared lower-case."""
+
+    __slots__ = ()
+
+    def norm(self, value: Any) -> str:
+        return value.lower() if value.__class__ is str else str(value).lower()
+
+    def lookup(self, value: Any, explicit: bool = False) -> int:
+        return self.values.get(value.lower() if value.__class__ is str else str(value).lower(), 0)
+
+
+class PortSetIndex(SetIndex):
+    """Ports, given as int or digits."""
+
+    __slots__ = ()
+
+    def norm(self, value: Any) -> str:
+        s = str(value).strip()
+        return str(int(s)) if s.isdigit() else s
 
 
 def ip_to_int(value: str) -> tuple[int, int] | None:
@@ -170,10 +195,11 @@ def ip_to_int(value: str) -> tuple[int, int] | None:
 class CidrIndex:
     """Networks by prefix length: {version: {prefixlen: {network >> (bits - prefixlen): mask}}}."""
 
-    __slots__ = ("tables",)
+    __slots__ = ("tables", "texts")
 
     def __init__(self) -> None:
         self.tables: dict[int, list[tuple[int, int, dict[int, int]]]] = {4: [], 6: []}
+        self.texts: dict[tuple[int, int, int], str] = {}  # (version, prefixlen, key) -> "10.0.0.0/8"
 
     def add(self, pattern: Pattern, bit: int) -> None:
         assert isinstance(pattern, Cidr)
@@ -181,12 +207,16 @@ class CidrIndex:
         bits = net.max_prefixlen
         plen = net.prefixlen
         rows = self.tables[net.version]
+        self.texts[(net.version, plen, int(net.network_address) >> (bits - plen))] = str(net)
         for row in rows:
             if row[0] == plen:
                 _or_into(row[2], int(net.network_address) >> (bits - plen), bit)
                 return
         rows.append((plen, bits - plen, {int(net.network_address) >> (bits - plen): bit}))
         rows.sort()
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
     def lookup(self, value: str, explicit: bool = False) -> int:
         vi = ip_to_int(value)
@@ -205,9 +235,7 @@ class CidrIndex:
             return None
         for plen, shift, table in reversed(self.tables[vi[0]]):  # most specific first
             if table.get(vi[1] >> shift, 0) & bit:
-                net = (vi[1] >> shift) << shift
-                return str(ipaddress.ip_network((net, plen))) if vi[0] == 4 else str(
-                    ipaddress.IPv6Network((net, plen)))
+                return self.texts[(vi[0], plen, vi[1] >> shift)]
         return None
 
 
@@ -225,6 +253,14 @@ class OidIndex:
         for arc in pattern.oid.split("."):
             node = node.setdefault(arc, {})
         node[""] = node.get("", 0) | bit
+
+    def __len__(self) -> int:
+        count, stack = 0, [self.root]
+        while stack:
+            node = stack.pop()
+            count += "" in node
+            stack.extend(v for k, v in node.items() if k)
+        return count
 
     def lookup(self, value: str, explicit: bool = False) -> int:
         node = self.root
@@ -284,6 +320,10 @@ class EmailIndex:
         else:
             _or_into(self.local_below, f"{pattern.local}@{pattern.domain.name}", bit)
 
+    def __len__(self) -> int:
+        return (len(self.any_local) + len(self.local_exact) + len(self.local_below) + len(self.local_anydom)
+                + bool(self.any) + bool(self.null))
+
     def lookup(self, value: str, explicit: bool = False) -> int:
         v = _bare_address(value)
         m = 0 if explicit else self.any
@@ -332,13 +372,15 @@ class EmailIndex:
 
 
 class PathIndex:
-    """Case-sensitive path globs ('*' = any run of characters, '/' included)."""
+    """Case-sensitive path globs ('*' = any run of characters, '/' included). Globs are bucketed by
+    their literal prefix; a glob written by several rules runs its regex once."""
 
     __slots__ = ("exact", "globs", "lengths", "anything")
 
     def __init__(self) -> None:
         self.exact: dict[str, int] = {}
-        self.globs: dict[str, list[PathGlob | int]] = {}  # literal prefix -> [glob, bit, glob, bit...]
+        # literal prefix -> {glob text: [compiled glob, mask]}
+        self.globs: dict[str, dict[str, list[Any]]] = {}
         self.lengths: list[int] = []
         self.anything = 0  # "*"
 
@@ -349,7 +391,11 @@ class PathIndex:
         elif pattern.text == "*":
             self.anything |= bit
         else:
-            self.globs.setdefault(pattern.prefix, []).extend((pattern, bit))
+            bucket = self.globs.setdefault(pattern.prefix, {})
+            if pattern.text in bucket:
+                bucket[pattern.text][1] |= bit
+            else:
+                bucket[pattern.text] = [pattern.regex.fullmatch, bit]
             self.lengths = sorted({len(p) for p in self.globs})
 
     def lookup(self, value: str, explicit: bool = False) -> int:
@@ -358,26 +404,28 @@ class PathIndex:
             m |= self.anything
         if self.globs:
             n = len(value)
+            get = self.globs.get
             for plen in self.lengths:
                 if plen > n:
                     break
-                bucket = self.globs.get(value[:plen])
+                bucket = get(value[:plen])
                 if bucket:
-                    for j in range(0, len(bucket), 2):
-                        glob = bucket[j]
-                        if glob.regex.fullmatch(value):  # type: ignore[union-attr]
-                            m |= bucket[j + 1]  # type: ignore[operator]
+                    for fullmatch, mask in bucket.values():
+                        if fullmatch(value):
+                            m |= mask
         return m
 
     def explain(self, value: str, bit: int) -> str | None:
         if self.exact.get(value, 0) & bit:
             return value
-        for plen in self.lengths:
-            for j in range(0, len(self.globs.get(value[:plen], ())), 2):
-                glob, b = self.globs[value[:plen]][j], self.globs[value[:plen]][j + 1]
-                if b & bit and glob.regex.fullmatch(value):  # type: ignore[union-attr,operator]
-                    return glob.text  # type: ignore[union-attr]
+        for plen in reversed(self.lengths):  # the glob with the longest literal prefix reads best
+            for text, (fullmatch, mask) in self.globs.get(value[:plen], {}).items():
+                if mask & bit and fullmatch(value):
+                    return text
         return "*" if self.anything & bit else None
+
+    def __len__(self) -> int:
+        return len(self.exact) + sum(len(b) for b in self.globs.values())
 
 
 def new_index(kind: KeyKind) -> Index:
@@ -391,4 +439,10 @@ def new_index(kind: KeyKind) -> Index:
         return CidrIndex()
     if kind is KeyKind.OID:
         return OidIndex()
-    return SetIndex(_NORMS[kind])
+    if kind in (KeyKind.QTYPE, KeyKind.METHOD):
+        return UpperSetIndex()
+    if kind is KeyKind.OP:
+        return LowerSetIndex()
+    if kind is KeyKind.PORT:
+        return PortSetIndex()
+    return SetIndex()
