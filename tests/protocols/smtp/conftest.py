@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -53,13 +54,13 @@ def need_postfix() -> None:
 
 
 @pytest.fixture(scope="session")
-def lab_ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
-    return LabCA(tmp_path_factory.mktemp("smtp-ca"), "smtp lab CA")
+def lab_ca(lab_dir: Path) -> LabCA:
+    return LabCA(lab_dir / "ca", "smtp lab CA")
 
 
 @pytest.fixture(scope="session")
-def other_ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
-    return LabCA(tmp_path_factory.mktemp("smtp-other-ca"), "untrusted CA")
+def other_ca(lab_dir: Path) -> LabCA:
+    return LabCA(lab_dir / "other-ca", "untrusted CA")
 
 
 @pytest.fixture(scope="session")
@@ -68,20 +69,32 @@ def mx_cert(lab_ca: LabCA) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def postfix_mx(tmp_path_factory: pytest.TempPathFactory, mx_cert: tuple[Path, Path]) -> Any:
+def lab_dir() -> Any:
+    """Postfix labs live outside pytest's basetemp: parallel pytest runs on this machine prune old
+    basetemps (keeping 3), which would delete a running Postfix's queue and Maildir."""
+    d = Path(tempfile.mkdtemp(prefix="pvm-smtp-lab-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postfix_mx(lab_dir: Path, mx_cert: tuple[Path, Path]) -> Any:
     need_postfix()
-    d = tmp_path_factory.mktemp("postfix-mx")
+    d = lab_dir / "postfix-mx"
     lab = pflab.PostfixLab(d, MX_IP, 25, cert=mx_cert[0], key=mx_cert[1],
-                           sasl_users={RELAY_USER: RELAY_PASSWORD})
+                           sasl_users={RELAY_USER: RELAY_PASSWORD},
+                           extra={"smtpd_recipient_restrictions":
+                                  "check_recipient_access inline:{ {nosuchuser@example.org=550 5.1.1 no such user} }"})
     lab.start()
     yield lab
     lab.stop()
 
 
 @pytest.fixture(scope="session")
-def postfix_untrusted(tmp_path_factory: pytest.TempPathFactory, other_ca: LabCA) -> Any:
+def postfix_untrusted(lab_dir: Path, other_ca: LabCA) -> Any:
     need_postfix()
-    d = tmp_path_factory.mktemp("postfix-untrusted")
+    d = lab_dir / "postfix-untrusted"
     cert, key = other_ca.issue(["mx.lab.test", "relay.lab.test"], stem="untrusted")
     lab = pflab.PostfixLab(d, UNTRUSTED_IP, 25, cert=cert, key=key)
     lab.start()
@@ -204,3 +217,52 @@ async def chat(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data:
     writer.write(data)
     await writer.drain()
     return await read_reply(reader)
+
+
+class StripRelay:
+    """A STARTTLS-stripping man in the middle (test code: the attack a real network could mount).
+    Forwards TCP to `upstream`; while `strip` is on, rewrites STARTTLS in the server's EHLO reply to
+    XXXXXXXA (the classic downgrade). Everything the client sends is kept in `from_client`."""
+
+    def __init__(self, listen_ip: str, upstream: tuple[str, int]):
+        self.listen_ip = listen_ip
+        self.upstream = upstream
+        self.strip = True
+        self.from_client = bytearray()
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> StripRelay:
+        self._server = await asyncio.start_server(self._handle, self.listen_ip, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            ur, uw = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            cw.close()
+            return
+        strip = self.strip
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, client_side: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if client_side:
+                        self.from_client += data
+                    elif strip:
+                        data = data.replace(b"STARTTLS", b"XXXXXXXA")
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ConnectionError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(cr, uw, True), pump(ur, cw, False))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
