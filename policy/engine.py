@@ -19,7 +19,21 @@ from typing import Any
 
 from policy.decision import Decision, ReasonCode, Verdict, make_decision
 from policy.matchers import Index, NameIndex, new_index
-from policy.model import MATCH_KEYS, PROTOCOLS, Action, KeyKind, Mode, NamePattern, Policy, Rule
+from policy.model import (
+    MATCH_KEYS,
+    PROTOCOLS,
+    Action,
+    Cidr,
+    EmailPattern,
+    KeyKind,
+    Mode,
+    NameKind,
+    NamePattern,
+    OidPrefix,
+    Pattern,
+    Policy,
+    Rule,
+)
 from policy.parser import UNKNOWN_GUEST, parse_policy, read_name_file
 from policy.source import Problem, SourceError
 
@@ -27,6 +41,7 @@ Clock = Callable[[], float]
 
 _NO_LIMITS: Mapping[str, int] = MappingProxyType({})
 _SHOW_MAX = 200
+_RULE = ReasonCode.RULE
 _SET_KINDS = frozenset({KeyKind.QTYPE, KeyKind.METHOD, KeyKind.OP, KeyKind.PORT, KeyKind.TEXT})
 
 
@@ -46,6 +61,23 @@ def _show(value: Any) -> str:
         return s
     r = repr(s)
     return r if len(r) <= _SHOW_MAX else r[: _SHOW_MAX - 3] + "..."
+
+
+def canonical(p: Pattern) -> str:
+    """A pattern as the indexes' `explain` spells it (lower-case names, normalised networks)."""
+    if isinstance(p, NamePattern):
+        return {NameKind.ANY: "*", NameKind.EXACT: p.name}.get(p.kind, "*." + p.name)
+    if isinstance(p, EmailPattern):
+        if p.null_sender:
+            return "<>"
+        if p.domain is None:
+            return "*"
+        return f"{'*' if p.local is None else p.local}@{canonical(p.domain)}"
+    if isinstance(p, Cidr):
+        return str(p.network)
+    if isinstance(p, OidPrefix):
+        return p.oid
+    return p.text
 
 
 def _fmt_list(texts: Iterable[str]) -> str:
@@ -70,37 +102,50 @@ class _Bucket:
 class _RuleEntry:
     """What `decide` needs of a winning rule, precomputed."""
 
-    __slots__ = ("rule", "bit", "keys", "explainers", "verdict", "monitor_verdict", "plaintext", "limits",
-                 "at", "global_index", "any_detail")
+    __slots__ = ("rule", "id", "rate", "bit", "keys", "explainers", "verdict", "monitor_verdict", "plaintext",
+                 "limits", "at", "global_index", "any_detail", "detail_suffix")
 
     def __init__(self, rule: Rule, bit: int, keys: list[_KeyCheck], monitor: bool, protocol: str) -> None:
         self.rule = rule
+        self.id = rule.id
+        self.rate = rule.rate
         self.bit = bit
         self.keys = keys  # the keys this rule constrains, in schema order
         allow = rule.action is Action.ALLOW
         self.verdict = Verdict.ALLOW if allow else (Verdict.WOULD_DENY if monitor else Verdict.DENY)
         self.monitor_verdict = Verdict.WOULD_DENY if monitor else Verdict.DENY  # for rate limiting
+        self.detail_suffix = "; monitor mode: would deny, let through" if self.verdict is Verdict.WOULD_DENY else ""
         self.plaintext = allow and rule.plaintext
         self.limits = rule.limits if allow and rule.limits else _NO_LIMITS
         self.at = rule.at
         self.global_index = rule.index
         self.any_detail = f"rule matches any {protocol} request"
-        # Per constrained key: (key, explain, kind, text between value and pattern, suffix, inline, file)
+        # Per constrained key: ("key ", key, explain, text between value and pattern, or the whole
+        # text after the value for set keys, canonical inline name patterns, name file)
         files = {nf.key: nf.path.name for nf in rule.name_files}
-        self.explainers: list[tuple[str, Callable[[Any, int], str | None], str, str, frozenset[str], str]] = []
+        self.explainers: list[
+            tuple[str, str, Callable[[Any, int], str | None], str, str, frozenset[str], str]] = []
         for check in keys:
             kind, key = check.kind, check.key
             inline = frozenset(p.text.strip().lower().removesuffix(".")
                                for p in rule.match.get(key, ()) if isinstance(p, NamePattern))
             if kind in (KeyKind.NAME, KeyKind.EMAIL, KeyKind.PATH):
-                mid, suffix = " matches ", ""
+                mid = " matches "
             elif kind is KeyKind.CIDR:
-                mid, suffix = " is in ", ""
+                mid = " is in "
             elif kind is KeyKind.OID:
-                mid, suffix = " is in subtree ", ""
+                mid = " is in subtree "
             else:  # sets: the rule's own list reads better than the one value that matched
-                mid, suffix = "", " is one of " + _fmt_list(p.text for p in rule.match[key])
-            self.explainers.append((key, check.index.explain, mid, suffix, inline, files.get(key, "")))
+                mid = ""
+            pats = rule.match.get(key, ())
+            if not mid:
+                suffix = " is one of " + _fmt_list(p.text for p in pats)
+            elif len(pats) == 1 and key not in files:
+                # one pattern and no name file: a fit can only be that pattern; no need to ask the index
+                suffix = mid + canonical(pats[0])
+            else:
+                suffix = ""
+            self.explainers.append((key + " ", key, check.index.explain, mid, suffix, inline, files.get(key, "")))
 
 
 class _Table:
@@ -238,41 +283,40 @@ class Engine:
         if not m:
             return table.default_decision
         entry = table.entries[(m & -m).bit_length() - 1]
-        detail = self._detail(entry, request, guest)
-        rule = entry.rule
-        if rule.rate is not None and not self._take_token(entry, guest):
+        # The detail, built inline: this is the hot path of every allowed or denied request.
+        bit = entry.bit
+        parts = []
+        for head, key, explain, mid, suffix, inline, file in entry.explainers:
+            value = request[key]
+            if value.__class__ is not str or len(value) > _SHOW_MAX or not value.isprintable():
+                shown = _show(value)
+            else:
+                shown = value
+            if suffix:
+                parts.append(head + shown + suffix)
+                continue
+            pat = explain(value, bit) or "?"  # patterns come from the validated rules file
+            if file and pat not in inline:
+                parts.append(f"{head}{shown}{mid}{pat} (listed in {file})")
+            else:
+                parts.append(head + shown + mid + pat)
+        if not parts:
+            detail = entry.any_detail + (f" from guest {_show(guest)}" if entry.rule.guests is not None else "")
+        else:
+            detail = parts[0] if len(parts) == 1 else "; ".join(parts)
+        if entry.rate is not None and not self._take_token(entry, guest):
+            rule = entry.rule
             verdict = entry.monitor_verdict
             let_through = verdict is Verdict.WOULD_DENY
             return make_decision(
                 verdict, ReasonCode.RATE_LIMITED, rule.id, entry.at,
-                f"{detail}; over rate {rule.rate.text} for guest {_show(guest)}"
+                f"{detail}; over rate {entry.rate.text} for guest {_show(guest)}"
                 + ("; monitor mode: let through" if let_through else ""),
                 entry.plaintext and let_through,
                 entry.limits if let_through else _NO_LIMITS,
             )
-        if entry.verdict is Verdict.WOULD_DENY:
-            detail += "; monitor mode: would deny, let through"
-        return make_decision(entry.verdict, ReasonCode.RULE, rule.id, entry.at, detail, entry.plaintext,
-                             entry.limits)
-
-    @staticmethod
-    def _detail(entry: _RuleEntry, request: Mapping[str, Any], guest: str) -> str:
-        parts = []
-        bit = entry.bit
-        for key, explain, mid, suffix, inline, file in entry.explainers:
-            value = request[key]
-            shown = value if type(value) is str and len(value) <= _SHOW_MAX and value.isprintable() else _show(value)
-            if suffix:
-                parts.append(f"{key} {shown}{suffix}")
-                continue
-            pat = explain(value, bit) or "?"
-            if file and pat not in inline:
-                parts.append(f"{key} {shown}{mid}{_show(pat)} (listed in {file})")
-            else:
-                parts.append(f"{key} {shown}{mid}{_show(pat)}")
-        if not parts:
-            return entry.any_detail + (f" from guest {_show(guest)}" if entry.rule.guests is not None else "")
-        return parts[0] if len(parts) == 1 else "; ".join(parts)
+        return make_decision(entry.verdict, _RULE, entry.id, entry.at, detail + entry.detail_suffix,
+                             entry.plaintext, entry.limits)
 
     def _take_token(self, entry: _RuleEntry, guest: str) -> bool:
         rate = entry.rule.rate

@@ -265,7 +265,10 @@ class OidIndex:
     def lookup(self, value: str, explicit: bool = False) -> int:
         node = self.root
         m = 0
-        for arc in normalize_oid(value).split("."):
+        v = value.strip()
+        if v[:1] == ".":
+            v = v[1:]
+        for arc in v.split("."):
             node = node.get(arc)
             if node is None or not arc:
                 break
@@ -285,89 +288,93 @@ class OidIndex:
         return found
 
 
-def _bare_address(value: str) -> str:
-    v = value.strip().lower()
-    if v[:1] == "<" and v[-1:] == ">":
-        v = v[1:-1]
-    return v
-
-
 class EmailIndex:
-    """E-mail patterns: "*" any, "<>" null sender, "*@dom" / "local@dom" with dom a name pattern."""
+    """E-mail patterns: "*" any, "<>" null sender, "L@D" with L a literal local part or "*" and D a
+    name pattern. One level of dicts keyed by "L@D" text, so a lookup is a few probes per domain label:
+      exact  {"*@example.com", "ops@partner.net"}          domain D exactly
+      below  {"*@example.com" for "*@*.example.com", ...}   domain strictly below D
+      anydom {"ops" for "ops@*", "*" for "*@*"}             any domain
+    """
 
-    __slots__ = ("any", "null", "any_local", "local_exact", "local_below", "local_anydom")
+    __slots__ = ("any", "null", "exact", "below", "anydom")
 
     def __init__(self) -> None:
         self.any = 0  # "*"
         self.null = 0  # "<>"
-        self.any_local = NameIndex()  # "*@<name pattern>"
-        self.local_exact: dict[str, int] = {}  # "ops@partner.net"
-        self.local_below: dict[str, int] = {}  # "ops@*.example.com" stored as "ops@example.com"
-        self.local_anydom: dict[str, int] = {}  # "ops@*" stored as "ops"
+        self.exact: dict[str, int] = {}
+        self.below: dict[str, int] = {}
+        self.anydom: dict[str, int] = {}
 
     def add(self, pattern: Pattern, bit: int) -> None:
         assert isinstance(pattern, EmailPattern)
         if pattern.null_sender:
             self.null |= bit
-        elif pattern.domain is None:
+            return
+        if pattern.domain is None:
             self.any |= bit
-        elif pattern.local is None:
-            self.any_local.add(pattern.domain, bit)
-        elif pattern.domain.kind is NameKind.ANY:
-            _or_into(self.local_anydom, pattern.local, bit)
+            return
+        local = "*" if pattern.local is None else pattern.local
+        if pattern.domain.kind is NameKind.ANY:
+            _or_into(self.anydom, local, bit)
         elif pattern.domain.kind is NameKind.EXACT:
-            _or_into(self.local_exact, f"{pattern.local}@{pattern.domain.name}", bit)
+            _or_into(self.exact, f"{local}@{pattern.domain.name}", bit)
         else:
-            _or_into(self.local_below, f"{pattern.local}@{pattern.domain.name}", bit)
+            _or_into(self.below, f"{local}@{pattern.domain.name}", bit)
 
     def __len__(self) -> int:
-        return (len(self.any_local) + len(self.local_exact) + len(self.local_below) + len(self.local_anydom)
-                + bool(self.any) + bool(self.null))
+        return len(self.exact) + len(self.below) + len(self.anydom) + bool(self.any) + bool(self.null)
 
     def lookup(self, value: str, explicit: bool = False) -> int:
-        v = _bare_address(value)
+        v = value.strip().lower()
+        if v[:1] == "<" and v[-1:] == ">":
+            v = v[1:-1]
         m = 0 if explicit else self.any
         if not v:
             return m | self.null
-        if "@" not in v:
+        at = v.rfind("@")
+        if at < 0:
             return m
-        local, _, dom = v.rpartition("@")
+        local, dom = v[:at], v[at + 1 :]
         if dom[-1:] == ".":
             dom = dom[:-1]
-        m |= self.any_local.lookup(dom, explicit)
-        if self.local_exact:
-            m |= self.local_exact.get(f"{local}@{dom}", 0)
-        if self.local_anydom:
-            m |= self.local_anydom.get(local, 0)
-        if self.local_below:
-            get = self.local_below.get
+        if self.exact:
+            get = self.exact.get
+            m |= get("*@" + dom, 0) | get(f"{local}@{dom}", 0)
+        if self.below:
+            get = self.below.get
             i = dom.find(".")
             while i >= 0:
                 i += 1
-                m |= get(f"{local}@{dom[i:]}", 0)
+                m |= get("*@" + dom[i:], 0) | get(f"{local}@{dom[i:]}", 0)
                 i = dom.find(".", i)
+        if self.anydom:
+            m |= self.anydom.get(local, 0)
+            if not explicit:
+                m |= self.anydom.get("*", 0)
         return m
 
     def explain(self, value: str, bit: int) -> str | None:
-        v = _bare_address(value)
+        v = value.strip().lower()
+        if v[:1] == "<" and v[-1:] == ">":
+            v = v[1:-1]
         if not v:
             return "<>" if self.null & bit else ("*" if self.any & bit else None)
-        if "@" in v:
-            local, _, dom = v.rpartition("@")
-            dom = dom.removesuffix(".")
-            if self.local_exact.get(f"{local}@{dom}", 0) & bit:
-                return f"{local}@{dom}"
+        at = v.rfind("@")
+        if at >= 0:
+            local, dom = v[:at], v[at + 1 :].removesuffix(".")
+            for lp in (local, "*"):
+                if self.exact.get(f"{lp}@{dom}", 0) & bit:
+                    return f"{lp}@{dom}"
             i = dom.find(".")
             while i >= 0:
                 i += 1
-                if self.local_below.get(f"{local}@{dom[i:]}", 0) & bit:
-                    return f"{local}@*.{dom[i:]}"
+                for lp in (local, "*"):
+                    if self.below.get(f"{lp}@{dom[i:]}", 0) & bit:
+                        return f"{lp}@*.{dom[i:]}"
                 i = dom.find(".", i)
-            if self.local_anydom.get(local, 0) & bit:
-                return f"{local}@*"
-            d = self.any_local.explain(dom, bit)
-            if d is not None:
-                return f"*@{d}"
+            for lp in (local, "*"):
+                if self.anydom.get(lp, 0) & bit:
+                    return f"{lp}@*"
         return "*" if self.any & bit else None
 
 

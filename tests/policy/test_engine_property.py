@@ -214,6 +214,10 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
     return protocol, guest, req
 
 
+MID = {"name": " matches ", "email": " matches ", "path": " matches ", "cidr": " is in ",
+       "oid": " is in subtree "}
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy=rule_sets(), reqs=st.lists(requests(), min_size=1, max_size=25))
 def test_compiled_engine_agrees_with_naive_reference(policy: dict[str, Any],
@@ -227,6 +231,14 @@ def test_compiled_engine_agrees_with_naive_reference(policy: dict[str, Any],
         assert (got.rule, str(got.verdict), str(got.code)) == reference(policy, protocol, guest, req), (
             protocol, guest, req, got.detail)
         assert got.detail and got.at
+        if got.code == "rule":
+            # the detail names, for each pattern key of the winning rule, a pattern that fits
+            rule = next(r for r in policy["rules"] if r["id"] == got.rule)
+            for key, patterns in rule.get("match", {}).items():
+                kind = KEYS[protocol][key]
+                if kind in MID:
+                    texts = [f"{key} {req[key]}{MID[kind]}{p}" for p in patterns if ref_fits(kind, p, req[key])]
+                    assert any(t in got.detail for t in texts), (got.detail, texts)
         for key, kind in KEYS[protocol].items():
             if kind == "name" and key in req:
                 assert engine.named_by_rule(protocol, guest, key, req[key]) == ref_named(
