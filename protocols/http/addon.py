@@ -158,6 +158,7 @@ class PolicyAddon:
         self.listen_addrs = listen_addrs
         self.conns: dict[str, ConnInfo] = {}
         self.failures = 0
+        self.emitted = 0  # records this process wrote (tests see SO_REUSEPORT spreading)
         self._ssl_ctx: SSL.Context | None = None
         self._restore: dict[str, tuple[str, int]] = {}
         verify_hooks(self)
@@ -207,6 +208,7 @@ class PolicyAddon:
         if st.info.orig_dst:
             rec["orig_dst"] = f"{st.info.orig_dst[0]}:{st.info.orig_dst[1]}"
         self.ctx.audit.emit(rec)
+        self.emitted += 1
         if self.ctx.observe is not None:
             try:
                 self.ctx.observe(st.protocol, st.info.guest, str(st.decision.verdict), st.decision.rule,

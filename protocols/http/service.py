@@ -36,6 +36,7 @@ from protocols.base import ServiceContext
 from protocols.http.addon import ConnInfo, PolicyAddon
 from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
+from protocols.http.workers import WorkerPool, WorkerSpec, listening_socket
 
 _MODE = mode_specs.ProxyMode.parse("regular")
 
@@ -72,6 +73,8 @@ class HTTPService:
         self._listen_addrs: set[tuple[str, int]] = set()
         self._accepting = False
         self.refused = 0
+        self.inherited: dict[str, list[socket.socket]] | None = None  # set in SO_REUSEPORT workers
+        self.pool: WorkerPool | None = None
 
     @property
     def settings(self) -> HTTPSettings:
@@ -119,26 +122,62 @@ class HTTPService:
         opts.update(**self._options())
         await self.master.addons.trigger_event(mhooks.RunningHook())
         out: list[str] = []
+        spawn = s.workers - 1 if self.inherited is None else 0  # workers never spawn workers
+        extra: list[list[socket.socket]] = [[] for _ in range(max(0, spawn))]
+        fds: list[dict[str, list[int]]] = [{} for _ in extra]
+        seen: dict[str, int] = {}
         try:
             for kind, (host, port) in s.all_listeners:
-                server = await asyncio.start_server(
-                    lambda r, w, k=kind: self._accept(k, r, w),
-                    host,
-                    port,
-                    reuse_address=True,
-                    reuse_port=s.workers > 1 or None,
-                    backlog=1024,
-                )
+                if self.inherited is not None:  # an SO_REUSEPORT worker: the parent bound for us
+                    sock = self.inherited[kind][seen.get(kind, 0)]
+                    seen[kind] = seen.get(kind, 0) + 1
+                    server = await asyncio.start_server(lambda r, w, k=kind: self._accept(k, r, w), sock=sock)
+                elif extra:
+                    sock = listening_socket(host, port)
+                    port = sock.getsockname()[1]
+                    for i in range(len(extra)):
+                        other = listening_socket(host, port)
+                        extra[i].append(other)
+                        fds[i].setdefault(kind, []).append(other.fileno())
+                    server = await asyncio.start_server(lambda r, w, k=kind: self._accept(k, r, w), sock=sock)
+                else:
+                    server = await asyncio.start_server(
+                        lambda r, w, k=kind: self._accept(k, r, w), host, port, reuse_address=True, backlog=1024
+                    )
                 self._servers.append((kind, server))
                 bound = server.sockets[0].getsockname()
                 out.append(f"tcp {_fmt(bound[0], bound[1])} (http {kind})")
+            if extra:
+                self.pool = WorkerPool(self.ctx.audit.emit, self.log)
+                for i, socks in enumerate(extra):
+                    await self.pool.spawn(self._worker_spec(i + 1, fds[i]), socks)
+                out.append(f"http: {s.workers} processes share these ports (SO_REUSEPORT)")
         except OSError:
             for _, srv in self._servers:
                 srv.close()
             self._servers.clear()
+            for socks in extra:
+                for sock in socks:
+                    sock.close()
             raise
         self._accepting = True
         return out
+
+    def _worker_spec(self, index: int, fds: dict[str, list[int]]) -> WorkerSpec:
+        engine = self.ctx.engine
+        config = self.ctx.config
+        return WorkerSpec(
+            index=index,
+            settings=self.settings,
+            policy_file=str(engine.file),
+            guest_names=frozenset(g for g in engine.guests if g != "unknown"),
+            guests=self.ctx.guests,
+            dns=getattr(config, "dns", None) if config is not None else None,
+            state_dir=str(self.ctx.state_dir),
+            fds=fds,
+            user=getattr(config, "user", None) if config is not None else None,
+            log_level=self.log.getEffectiveLevel(),
+        )
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         """{kind: [(host, port), ...]} as actually bound (tests use port 0)."""
@@ -194,6 +233,13 @@ class HTTPService:
             self.addon.reset_tls()
         if self.resolver is not None:
             self.resolver.hosts = dict(settings.hosts)
+        if self.pool is not None:
+            self.pool.send_all({
+                "t": "reload",
+                "settings": settings,
+                "policy_file": str(engine.file),
+                "guest_names": frozenset(g for g in engine.guests if g != "unknown"),
+            })
         if self.master is not None:
             self.master.options.update(
                 stream_large_bodies=str(settings.limits.stream_above),
@@ -205,6 +251,7 @@ class HTTPService:
         self._accepting = False
         for _, srv in self._servers:
             srv.close()
+        pool_stop = asyncio.create_task(self.pool.stop(timeout)) if self.pool is not None else None
         if self._tasks:
             # in-flight connections finish on their own (keep-alive ones idle out) until the deadline
             await asyncio.wait(list(self._tasks), timeout=max(0.0, timeout))
@@ -218,6 +265,9 @@ class HTTPService:
             except TimeoutError:
                 pass
         self._servers.clear()
+        if pool_stop is not None:
+            await pool_stop
+            self.pool = None
         if self.master is not None:
             await self.master.addons.trigger_event(mhooks.DoneHook())
         if self.resolver is not None:
@@ -230,8 +280,13 @@ class HTTPService:
         conns = len(self.addon.conns) if self.addon else 0
         failures = self.addon.failures if self.addon else 0
         state = "ok" if self._servers and self._accepting else "degraded"
+        if self.pool is not None:
+            conns += self.pool.connections()
+            if self.pool.alive() < len(self.pool.workers):
+                state = "degraded"
         return {
             "state": state,
+            "workers": 1 + (self.pool.alive() if self.pool is not None else 0),
             "connections": conns,
             "refused": self.refused,
             "hook_failures": failures,

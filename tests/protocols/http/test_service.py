@@ -8,6 +8,7 @@ import ssl
 
 import pytest
 
+from policy import load_policy
 from tests.protocols.http.conftest import GUEST_IP, PROXY_IP, curl, eventually, raw_exchange
 
 pytestmark = pytest.mark.lab
@@ -285,3 +286,20 @@ async def test_large_body_streamed_both_ways(svc) -> None:
         lambda: svc.records(status=200, request={"method": "POST", "host": "www.lab.test", "path": "/upload", "port": "80"})
     )
     assert recs[-1]["bytes_in"] == 10 * 1024 * 1024
+
+
+async def test_so_reuseport_workers_share_the_ports(make_service) -> None:
+    r = await make_service(workers=2)
+    assert r.service.health()["workers"] == 2
+    codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(24)]
+    assert codes == [200] * 24
+    records = await eventually(lambda: len(r.records(status=200)) == 24 and r.records(status=200))
+    assert len(records) == 24  # every worker's records reach the parent's audit sink
+    assert 0 < r.service.addon.emitted < 24  # the kernel spread connections over both processes
+    # a reload reaches every worker: after it, no process lets anything through
+    deny_all = r.settings.ca_file.parent.parent / "deny-all.yaml"
+    deny_all.write_text("default: deny\nrules: []\n")
+    await r.service.reload(r.settings, load_policy(deny_all))
+    await asyncio.sleep(0.3)
+    codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(12)]
+    assert codes == [403] * 12
