@@ -15,7 +15,9 @@ import contextlib
 import email.utils
 import ipaddress
 import os
+import pwd
 import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP as AioSMTP
@@ -378,6 +380,7 @@ class SMTPService:
     async def start(self) -> list[str]:
         s = self.settings
         entries, self.problems = await asyncio.to_thread(self.spool.open)
+        await asyncio.to_thread(self._hand_over)
         for p in self.problems:
             self.ctx.log.error("smtp: unreadable spool entry moved to %s: %s", self.spool.bad, p)
         self.recovered = len(entries)
@@ -401,6 +404,23 @@ class SMTPService:
             raise
         self.runner.start()
         return listening
+
+    def _hand_over(self) -> None:
+        """The worker drops root after start(): the spool and our state must stay writable by the
+        account it becomes (`user:` in the config)."""
+        user = getattr(self.ctx.config, "user", None) if self.ctx.config is not None else None
+        if os.geteuid() != 0 or not user:
+            return
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return
+        mts = Path(self.ctx.state_dir) / "mta-sts"
+        mts.mkdir(parents=True, exist_ok=True)
+        for top in (self.spool.dir, mts):
+            for root, dirs, files in os.walk(top):
+                for name in [root, *(os.path.join(root, x) for x in dirs + files)]:
+                    os.lchown(name, pw.pw_uid, pw.pw_gid)
 
     async def reload(self, settings: Any, engine: Any) -> None:
         """New policy applies to the next RCPT; limits to the next connection. Listeners, spool
