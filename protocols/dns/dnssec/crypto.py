@@ -14,6 +14,7 @@ Parsed public keys are cached: parsing an RSA key costs more than verifying with
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -129,11 +130,21 @@ class PublicKey:
 
 
 class KeyCache:
-    """Parsed public keys by DNSKEY wire form (bounded; parsing RSA keys is the expensive part)."""
+    """Parsed public keys by DNSKEY wire form (bounded; parsing RSA keys is the expensive part), and
+    signatures already verified: the same SOA/NSEC/NSEC3 RRsets come back in many negative and
+    wildcard answers. A verified entry is bound to the very DNSKEY object that verified it, so it only
+    counts while that key is still in the zone's validated key set; time checks are never skipped."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 4096, verified_size: int = 20000) -> None:
         self._keys: dict[bytes, PublicKey] = {}
         self._size = size
+        self.verified: OrderedDict[tuple[bytes, bytes], dns.rdata.Rdata] = OrderedDict()
+        self._verified_size = verified_size
+
+    def remember(self, signature: bytes, data: bytes, key: dns.rdata.Rdata) -> None:
+        self.verified[(signature, data)] = key
+        if len(self.verified) > self._verified_size:
+            self.verified.popitem(last=False)
 
     def public_key(self, key: dns.rdata.Rdata) -> PublicKey:
         wire = key.to_digestable()
@@ -146,23 +157,30 @@ class KeyCache:
         return pk
 
 
-def _candidate_keys(keys: Sequence[dns.rdata.Rdata], rrsig: dns.rdata.Rdata) -> list[dns.rdata.Rdata]:
-    return [
-        k
-        for k in keys
-        if k.algorithm == rrsig.algorithm
-        and k.protocol == 3
-        and k.flags & 0x0100  # zone key (RFC 4034 §2.1.1)
-        and (not k.flags & 0x0080 or rrsig.type_covered == dns.rdatatype.DNSKEY)  # revoked (RFC 5011)
-        and key_tag(k) == rrsig.key_tag
-    ]
+class KeySet:
+    """A zone's DNSKEYs indexed by (key tag, algorithm): built once when the keys are validated, so a
+    verification does not recompute key tags."""
+
+    __slots__ = ("by_tag",)
+
+    def __init__(self, keys: Sequence[dns.rdata.Rdata]) -> None:
+        self.by_tag: dict[tuple[int, int], list[dns.rdata.Rdata]] = {}
+        for k in keys:
+            if k.protocol == 3 and k.flags & 0x0100:  # zone keys only (RFC 4034 §2.1.1/§2.1.2)
+                self.by_tag.setdefault((key_tag(k), k.algorithm), []).append(k)
+
+    def candidates(self, rrsig: dns.rdata.Rdata) -> list[dns.rdata.Rdata]:
+        keys = self.by_tag.get((rrsig.key_tag, rrsig.algorithm), ())
+        if rrsig.type_covered == dns.rdatatype.DNSKEY:
+            return list(keys)
+        return [k for k in keys if not k.flags & 0x0080]  # a revoked key signs only DNSKEY (RFC 5011)
 
 
 def verify_rrset(
     rrset: dns.rrset.RRset,
     rrsigs: dns.rdataset.Rdataset | Sequence[dns.rdata.Rdata] | None,
     signer: dns.name.Name,
-    keys: Sequence[dns.rdata.Rdata],
+    keys: Sequence[dns.rdata.Rdata] | KeySet,
     now: float,
     cache: KeyCache,
 ) -> Verified | VerifyFailure:
@@ -170,6 +188,7 @@ def verify_rrset(
     Returns the first signature that verifies, else the most telling failure."""
     if not rrsigs:
         return VerifyFailure(EDE.RRSIGS_MISSING, f"{rrset.name} {dns.rdatatype.to_text(rrset.rdtype)} has no RRSIG")
+    keyset = keys if isinstance(keys, KeySet) else KeySet(keys)
     failures: list[VerifyFailure] = []
     owner_labels = len(rrset.name) - 1 - (1 if rrset.name.is_wild() else 0)
     for sig in rrsigs:
@@ -181,7 +200,7 @@ def verify_rrset(
         if sig.algorithm not in SUPPORTED_ALGORITHMS:
             failures.append(VerifyFailure(EDE.DNSSEC_BOGUS, f"RRSIG algorithm {sig.algorithm} is not supported"))
             continue
-        cands = _candidate_keys(keys, sig)
+        cands = keyset.candidates(sig)
         if not cands:
             failures.append(VerifyFailure(EDE.DNSKEY_MISSING, f"no DNSKEY {sig.key_tag}/{sig.algorithm} in {signer}"))
             continue
@@ -197,11 +216,15 @@ def verify_rrset(
         except dns.dnssec.ValidationFailure as exc:
             failures.append(VerifyFailure(EDE.DNSSEC_BOGUS, f"RRSIG unusable: {exc}"))
             continue
+        known = cache.verified.get((sig.signature, data))
+        if known is not None and any(k is known for k in cands):
+            return Verified(sig, sig.expiration)
         for key in cands:
             try:
                 cache.public_key(key).verify(sig.signature, data)
             except (InvalidSignature, ValueError, dns.exception.DNSException):
                 continue
+            cache.remember(sig.signature, data, key)
             return Verified(sig, sig.expiration)
         failures.append(VerifyFailure(EDE.DNSSEC_BOGUS, f"RRSIG by {signer} key {sig.key_tag} does not verify"))
     if not failures:

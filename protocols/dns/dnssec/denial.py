@@ -47,6 +47,18 @@ class DenialOutcome:
         return self.status != Denial.BOGUS
 
 
+class _TypeName:
+    """A type's mnemonic, formatted only when a failure message needs it."""
+
+    __slots__ = ("rdtype",)
+
+    def __init__(self, rdtype: int) -> None:
+        self.rdtype = rdtype
+
+    def __format__(self, spec: str) -> str:
+        return dns.rdatatype.to_text(self.rdtype)
+
+
 def _bogus(reason: str) -> DenialOutcome:
     return DenialOutcome(Denial.BOGUS, reason, EDE.NSEC_MISSING)
 
@@ -109,10 +121,10 @@ class NSECProof:
         wc = dns.name.Name((b"*",) + ce.labels)
         if self._matching(wc) is not None or self._covering(wc) is None:
             return _bogus(f"no NSEC proves that wildcard {wc} does not exist")
-        return DenialOutcome(Denial.SECURE, f"NSEC proves {name} does not exist")
+        return DenialOutcome(Denial.SECURE, "NSEC proves the name does not exist")
 
     def nodata(self, name: dns.name.Name, rdtype: int) -> DenialOutcome:
-        tname = dns.rdatatype.to_text(rdtype)
+        tname = _TypeName(rdtype)
         m = self._matching(name)
         if m is not None:
             _, _, types = m
@@ -126,25 +138,25 @@ class NSECProof:
                     return _bogus(f"NSEC for {name} DS comes from the child zone")
             elif delegation:
                 return _bogus(f"NSEC at {name} is the parent's delegation record")
-            return DenialOutcome(Denial.SECURE, f"NSEC proves {name} has no {tname}", delegation=delegation)
+            return DenialOutcome(Denial.SECURE, "NSEC proves the type does not exist", delegation=delegation)
         # Empty non-terminal: an NSEC whose next name lies below `name` proves `name` exists without data.
         for owner, nxt, _ in self.records:
             if owner < name < nxt and nxt.is_subdomain(name):
-                return DenialOutcome(Denial.SECURE, f"NSEC proves {name} is an empty non-terminal")
+                return DenialOutcome(Denial.SECURE, "NSEC proves an empty non-terminal")
         cov = self._covering(name)
         if cov is not None:
             ce = self._closest_encloser(name, cov[0], cov[1])
             wc = dns.name.Name((b"*",) + ce.labels)
             w = self._matching(wc)
             if w is not None and rdtype not in w[2] and CNAME not in w[2]:
-                return DenialOutcome(Denial.SECURE, f"NSEC proves wildcard {wc} has no {tname}")
+                return DenialOutcome(Denial.SECURE, "NSEC proves the wildcard has no such type")
         return _bogus(f"no NSEC proves that {name} has no {tname}")
 
     def wildcard(self, name: dns.name.Name, labels: int) -> DenialOutcome:
         # RFC 4035 §5.3.4: the expanded name must be proven not to exist.
         if self._covering(name) is None:
             return _bogus(f"no NSEC proves that {name} does not exist (wildcard expansion)")
-        return DenialOutcome(Denial.SECURE, f"NSEC proves the wildcard expansion for {name}")
+        return DenialOutcome(Denial.SECURE, "NSEC proves the wildcard expansion")
 
 
 # ---------------------------------------------------------------- NSEC3 (RFC 5155 §8)
@@ -248,12 +260,12 @@ class NSEC3Proof:
         if cov[3]:
             # RFC 5155 §9.2 / RFC 7129 §5.1: an opt-out span may hide an unsigned delegation.
             return DenialOutcome(Denial.INSECURE, f"{name} lies in an NSEC3 opt-out span")
-        return DenialOutcome(Denial.SECURE, f"NSEC3 proves {name} does not exist")
+        return DenialOutcome(Denial.SECURE, "NSEC3 proves the name does not exist")
 
     def nodata(self, name: dns.name.Name, rdtype: int) -> DenialOutcome:
         if (u := self._unusable()) is not None:
             return u
-        tname = dns.rdatatype.to_text(rdtype)
+        tname = _TypeName(rdtype)
         m = self._matching(name)
         if m is not None:
             types = m[2]
@@ -267,7 +279,7 @@ class NSEC3Proof:
                     return _bogus(f"NSEC3 for {name} DS comes from the child zone")
             elif delegation:
                 return _bogus(f"NSEC3 for {name} is the parent's delegation record")
-            return DenialOutcome(Denial.SECURE, f"NSEC3 proves {name} has no {tname}", delegation=delegation)
+            return DenialOutcome(Denial.SECURE, "NSEC3 proves the type does not exist", delegation=delegation)
         ce, cov = self._closest_encloser(name)
         if ce is None:
             return _bogus(str(cov))
@@ -281,7 +293,7 @@ class NSEC3Proof:
         wc = dns.name.Name((b"*",) + ce.labels)
         w = self._matching(wc)
         if w is not None and rdtype not in w[2] and CNAME not in w[2]:
-            return DenialOutcome(Denial.SECURE, f"NSEC3 proves wildcard {wc} has no {tname}")
+            return DenialOutcome(Denial.SECURE, "NSEC3 proves the wildcard has no such type")
         return _bogus(f"no NSEC3 proves that {name} has no {tname}")
 
     def wildcard(self, name: dns.name.Name, labels: int) -> DenialOutcome:
@@ -291,4 +303,4 @@ class NSEC3Proof:
         nc = name.split(labels + 2)[1] if len(name) > labels + 2 else name
         if self._covering(nc) is None:
             return _bogus(f"no NSEC3 covers {nc} (wildcard expansion of {name})")
-        return DenialOutcome(Denial.SECURE, f"NSEC3 proves the wildcard expansion for {name}")
+        return DenialOutcome(Denial.SECURE, "NSEC3 proves the wildcard expansion")

@@ -68,10 +68,16 @@ class ZoneKeys:
 
     zone: dns.name.Name
     status: Status
-    keys: tuple[Any, ...] = ()
+    keys: crypto.KeySet | None = None
     expires: float = 0.0
     reason: str = ""
     ede: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    zk: ZoneKeys
+    expires: float
 
 
 class CutKind(StrEnum):
@@ -134,6 +140,18 @@ class _Bad:
     expires: float
 
 
+class _RRsetName:
+    """"owner TYPE", formatted only when a failure message needs it (to_text is not free)."""
+
+    __slots__ = ("rrset",)
+
+    def __init__(self, rrset: dns.rrset.RRset) -> None:
+        self.rrset = rrset
+
+    def __format__(self, spec: str) -> str:
+        return f"{self.rrset.name} {dns.rdatatype.to_text(self.rrset.rdtype)}"
+
+
 def _find(section: list[dns.rrset.RRset], name: dns.name.Name, rdtype: int, covers: int = 0):
     for r in section:
         if r.rdtype == rdtype and r.covers == covers and r.name == name and r.rdclass == IN:
@@ -170,6 +188,7 @@ class Validator:
         self._zones = _TTLCache(cache_size)
         self._cuts = _TTLCache(cache_size)
         self._bad = _TTLCache(cache_size)
+        self._walks = _TTLCache(cache_size)  # name -> where the walk to it ends (memo of _walk)
         self._inflight: dict[Any, asyncio.Future] = {}
         self._keycache = crypto.KeyCache()
         self.fetches = 0  # DS/DNSKEY queries sent (for tests and metrics)
@@ -222,7 +241,7 @@ class Validator:
             rrset = _find(msg.answer, sname, rdtype)
             if rrset is not None:
                 r = await self._positive(rrset, sname, msg, now, acc)
-                return r if r is not None else self._secure(acc, f"{sname} {dns.rdatatype.to_text(rdtype)}")
+                return r if r is not None else self._secure(acc, "answer")
             # A DNAME above sname comes first: the CNAME the server synthesised from it is unsigned
             # (RFC 6672 §5.3.1) and is ignored; we derive the target ourselves.
             dname = next((r for r in msg.answer if r.rdtype == DNAME and sname.is_subdomain(r.name)
@@ -231,7 +250,7 @@ class Validator:
                 r = await self._positive(dname, dname.name, msg, now, acc)
                 if r is not None:
                     return r
-                acc.links.append(f"{dname.name} DNAME")
+                acc.links.append("DNAME")
                 try:
                     sname = sname.relativize(dname.name).concatenate(dname[0].target)
                 except dns.name.NameTooLong:
@@ -243,18 +262,17 @@ class Validator:
                     r = await self._positive(cname, sname, msg, now, acc)
                     if r is not None:
                         return r
-                    acc.links.append(f"{sname} CNAME")
+                    acc.links.append("CNAME")
                     sname = cname[0].target
                     continue
             r = await self._negative(sname, rdtype, msg, rcode == dns.rcode.NXDOMAIN, now, acc)
             if r is not None:
                 return r
-            what = "does not exist" if rcode == dns.rcode.NXDOMAIN else f"has no {dns.rdatatype.to_text(rdtype)}"
-            return self._secure(acc, f"{sname} {what}")
+            return self._secure(acc, "NXDOMAIN" if rcode == dns.rcode.NXDOMAIN else "NODATA")
         return bogus(f"answer chain longer than {MAX_CHAIN} links")
 
     def _secure(self, acc: _Acc, what: str) -> ValidationResult:
-        via = f" via {', '.join(acc.links)}" if acc.links else ""
+        via = f" ({'; '.join(acc.links)})" if acc.links else ""
         return secure(f"{what} validated{via}", None if acc.ttl == _FOREVER else acc.ttl)
 
     async def _signed_zone(self, signer: dns.name.Name, owner: dns.name.Name, now: float):
@@ -276,7 +294,7 @@ class Validator:
 
     async def _positive(self, rrset, sname, msg, now, acc) -> ValidationResult | None:
         """Verify one answer RRset; None means it is secure (and `acc` was updated)."""
-        tname = f"{rrset.name} {dns.rdatatype.to_text(rrset.rdtype)}"
+        tname = _RRsetName(rrset)
         sigs = _find(msg.answer, rrset.name, RRSIG, rrset.rdtype)
         signers = sorted({s.signer for s in sigs if rrset.name.is_subdomain(s.signer)}, key=len,
                          reverse=True) if sigs else []
@@ -318,8 +336,8 @@ class Validator:
             key=len,
             reverse=True,
         )
-        what = f"{sname} (NXDOMAIN)" if nxdomain else f"{sname} {dns.rdatatype.to_text(rdtype)} (NODATA)"
         if not signers:
+            what = f"{sname} (NXDOMAIN)" if nxdomain else f"{sname} {dns.rdatatype.to_text(rdtype)} (NODATA)"
             zk = await self._zone_for(sname, now)
             if zk.status != Status.SECURE:
                 return self._zone_result(zk, sname)
@@ -382,29 +400,42 @@ class Validator:
 
     async def _zone_for(self, name: dns.name.Name, now: float) -> ZoneKeys:
         """The deepest zone at or above `name` the walk can establish: secure keys, or where it stops."""
+        w = self._walks.get(name, now)
+        if w is not None:
+            return w.zk
+        zk, expires = await self._walk(name, now)
+        self._walks.put(name, _Walk(zk, expires))
+        return zk
+
+    async def _walk(self, name: dns.name.Name, now: float) -> tuple[ZoneKeys, float]:
         anchor = self._closest_anchor(name)
         if anchor is None:
-            return ZoneKeys(dns.name.root, Status.INSECURE, reason=f"no trust anchor covers {name}")
+            return ZoneKeys(dns.name.root, Status.INSECURE, reason=f"no trust anchor covers {name}"), \
+                now + self.max_key_ttl
         zk = await self._keys(anchor, None, now)
+        expires = zk.expires
         depth = len(anchor)
         while zk.status == Status.SECURE and depth < len(name):
             depth += 1
             child = name.split(depth)[1]
             if child in self.anchors:
                 zk = await self._keys(child, None, now)
+                expires = min(expires, zk.expires)
                 continue
             cut = await self._cut(child, zk, now)
+            expires = min(expires, cut.expires)
             if cut.kind == CutKind.NONE:
                 continue
             if cut.kind == CutKind.NXDOMAIN:
                 break
             if cut.kind == CutKind.SECURE:
                 zk = await self._keys(child, cut, now)
+                expires = min(expires, zk.expires)
             elif cut.kind == CutKind.INSECURE:
-                return ZoneKeys(child, Status.INSECURE, reason=cut.reason, ede=cut.ede, expires=cut.expires)
+                return ZoneKeys(child, Status.INSECURE, reason=cut.reason, ede=cut.ede, expires=cut.expires), expires
             else:
-                return ZoneKeys(child, Status.BOGUS, reason=cut.reason, ede=cut.ede, expires=cut.expires)
-        return zk
+                return ZoneKeys(child, Status.BOGUS, reason=cut.reason, ede=cut.ede, expires=cut.expires), expires
+        return zk, expires
 
     async def _once(self, key: Any, factory: Callable[[], Awaitable[Any]]) -> Any:
         fut = self._inflight.get(key)
@@ -516,4 +547,5 @@ class Validator:
         until = now + min(rrset.ttl, v.rrsig.original_ttl, max(0, v.expires - now), self.max_key_ttl)
         if cut is not None:
             until = min(until, cut.expires)
-        return ZoneKeys(zone, Status.SECURE, keys=tuple(rrset), expires=until, reason=f"{zone} keys validated")
+        return ZoneKeys(zone, Status.SECURE, keys=crypto.KeySet(rrset), expires=until,
+                        reason=f"{zone} keys validated")
