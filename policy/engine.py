@@ -275,11 +275,19 @@ class Engine:
             raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
         m = table.guest_masks.get(guest, table.unknown_mask)
         get = request.get
-        for key, lookup, free in table.fast:
-            if not m:
-                break
-            value = get(key)
-            m &= free if value is None else lookup(value) | free
+        try:
+            for key, lookup, free in table.fast:
+                if not m:
+                    break
+                value = get(key)
+                m &= free if value is None else lookup(value) | free
+        except (AttributeError, TypeError, ValueError):
+            # A service passed a non-string value (int, bytes...): compare its text form instead of
+            # failing. Costs nothing on the normal path (try is free in CPython 3.11).
+            if all(v.__class__ is str for v in request.values() if v is not None):
+                raise  # not a value problem: a bug here, and it must not be hidden
+            fixed = {k: v if v.__class__ is str else str(v) for k, v in request.items() if v is not None}
+            return self.decide(protocol, guest, fixed)
         if not m:
             return table.default_decision
         entry = table.entries[(m & -m).bit_length() - 1]

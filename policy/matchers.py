@@ -173,7 +173,7 @@ class PortSetIndex(SetIndex):
 
     def norm(self, value: Any) -> str:
         s = str(value).strip()
-        return str(int(s)) if s.isdigit() else s
+        return str(int(s)) if s.isascii() and s.isdigit() else s
 
 
 def ip_to_int(value: str) -> tuple[int, int] | None:
@@ -181,7 +181,7 @@ def ip_to_int(value: str) -> tuple[int, int] | None:
     v = value.strip()
     try:
         return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, v), "big")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: embedded NUL
         pass
     try:
         ip = ipaddress.IPv6Address(v)

@@ -352,7 +352,7 @@ def parse_literal(kind: KeyKind, text: str) -> Literal:
                              f"did you mean '{close[0]}'?" if close else "one of: " + ", ".join(SNMP_OPS))
         return Literal(text, low)
     if kind is KeyKind.PORT:
-        if not t.isdigit() or not 0 < int(t) < 65536:
+        if not (t.isascii() and t.isdigit()) or not 0 < int(t) < 65536:
             raise ValueError(f"bad port {text!r}", "ports are 1-65535")
         return Literal(text, str(int(t)))
     if not t:

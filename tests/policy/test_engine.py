@@ -389,3 +389,33 @@ def test_make_decision_equals_the_dataclass() -> None:
     assert fast == slow and repr(fast) == repr(slow)
     with pytest.raises(AttributeError):
         fast.verdict = Verdict.DENY  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", [5, b"www.example.com", 3.5, ["x"], {"a": 1}, "\u00b2", "\x00", ""])
+def test_non_string_values_never_raise(engine: Engine, value: Any) -> None:
+    for protocol, key in [("dns", "qname"), ("dns", "answer_ip"), ("smtp", "rcpt_to"), ("snmp", "oid"),
+                          ("http", "path"), ("http", "port"), ("tls", "dst")]:
+        d = engine.decide(protocol, "web1", {key: value})
+        assert d.verdict is Verdict.DENY and d.detail
+
+
+def test_none_value_counts_as_missing(engine: Engine) -> None:
+    d = engine.decide("dns", "db1", {"qname": "x.org", "qtype": "A", "answer_ip": None})
+    assert d.rule == "dns-any-for-db"
+
+
+def test_name_files_store_no_per_name_objects(tmp_path: Path) -> None:
+    """Names are kept as plain str dict keys: loading 100k names must not create ~100k GC-tracked
+    objects (tuples, lists, patterns), which would blow the memory goal at 1M names."""
+    import gc
+
+    (tmp_path / "big.txt").write_text("".join(f"n{i}.example.test\n*.w{i}.test\n" for i in range(50_000)))
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - {id: big, action: deny, protocol: dns, match: {qname_file: big.txt}}\n")
+    gc.collect()
+    before = len(gc.get_objects())
+    engine = load_policy(tmp_path / "rules.yaml", GUESTS)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 5_000
+    assert engine.stats()["dns_names"] == 100_000
+    assert engine.decide("dns", "web1", {"qname": "a.w49999.test"}).rule == "big"

@@ -8,6 +8,7 @@ including wrong case, trailing dots, missing keys, unknown guests and junk value
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy import load_policy
+from policy import Engine, load_policy
 
 GUESTS = ["web1", "mail1", "db1"]
 LABELS = ["a", "b", "c"]
@@ -243,3 +244,37 @@ def test_compiled_engine_agrees_with_naive_reference(policy: dict[str, Any],
             if kind == "name" and key in req:
                 assert engine.named_by_rule(protocol, guest, key, req[key]) == ref_named(
                     policy, protocol, guest, key, req[key]), (protocol, guest, key, req[key])
+
+
+_FUZZ_RULES = {
+    "default": "deny",
+    "rules": [
+        {"id": "d", "action": "allow", "protocol": "dns",
+         "match": {"qname": ["*.a", "b"], "qtype": ["A"], "answer_ip": ["10.0.0.0/8"]}},
+        {"id": "s", "action": "allow", "protocol": "smtp", "match": {"mail_from": ["*@*.a", "<>"],
+                                                                   "rcpt_to": ["ops@b", "*"]}},
+        {"id": "n", "action": "allow", "protocol": "snmp", "match": {"agent": ["r"], "op": ["get"], "oid": ["1.3"]}},
+        {"id": "h", "action": "allow", "protocol": "http",
+         "match": {"host": ["*"], "method": ["GET"], "path": ["/a*", "/b"], "port": [80]}},
+        {"id": "t", "action": "allow", "protocol": "tls", "match": {"sni": ["*.a"], "dst": ["::/0"]}},
+    ],
+}
+
+
+@functools.cache
+def _fuzz_engine() -> Engine:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "rules.yaml"
+        path.write_text(json.dumps(_FUZZ_RULES))
+        return load_policy(path, GUESTS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(protocol=st.sampled_from(sorted(KEYS)), guest=st.text(max_size=5),
+       values=st.dictionaries(st.sampled_from(sorted({k for ks in KEYS.values() for k in ks})),
+                              st.one_of(st.text(max_size=30), st.integers(), st.binary(max_size=5))))
+def test_any_request_value_gets_a_decision(protocol: str, guest: str, values: dict[str, Any]) -> None:
+    """Bad input never raises: any text, number or bytes in any key gets a full Decision."""
+    got = _fuzz_engine().decide(protocol, guest, values)
+    assert got.rule and got.at and got.detail and got.verdict in ("allow", "deny")
+    assert got.detail.isprintable()
