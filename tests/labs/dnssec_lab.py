@@ -66,6 +66,7 @@ class Zone:
     extra: str = ""  # more zone-file lines
     tamper: str = ""  # badsig | nosig | noproof
     parent: str = TLD
+    iterations: int = 0  # > 150: NSEC3 chain built and signed here (dnssec-signzone refuses more than 150)
 
     @property
     def name(self) -> str:
@@ -78,6 +79,7 @@ ZONES: list[Zone] = [
     Zone("nsec3", nsec3=True, extra="*.wild A 192.0.2.7\nent.deep A 192.0.2.8"),
     Zone("o3", nsec3=True, optout=True,
          extra=f"unsigned NS ns.unsigned\nns.unsigned A {GRAND_IP}"),
+    Zone("iter", alg=15, nsec3=True, iterations=200),
     Zone("unsigned", signed=False, ds="none"),
     Zone("unsigned", parent=f"o3.{TLD}", signed=False, ds="none"),
     Zone("badsig", tamper="badsig"),
@@ -129,6 +131,9 @@ CASES: list[Case] = [
     Case("expired", f"www.expired.{TLD}", "A", "bogus", 7),
     Case("not-yet-valid", f"www.future.{TLD}", "A", "bogus", 8),
     Case("ds-mismatch", f"www.dsbad.{TLD}", "A", "bogus", 9),
+    Case("nsec3-iterations-over-cap-nxdomain", f"nx.iter.{TLD}", "A", "insecure", 27),
+    Case("nsec3-iterations-over-cap-nodata", f"www.iter.{TLD}", "MX", "insecure", 27),
+    Case("nsec3-iterations-over-cap-positive", f"www.iter.{TLD}", "A", "secure"),
     Case("unsupported-algorithm", f"www.unsupp.{TLD}", "A", "insecure", 1),
     Case("unsupported-digest", f"www.unsuppdigest.{TLD}", "A", "insecure", 2),
     Case("cname-secure-to-secure", f"tosecure.cname.{TLD}", "A", "secure"),
@@ -194,6 +199,57 @@ class DNSSECLab:
         _run([*argv, str(path), *keys], self.dir)
         return out
 
+    def _sign_nsec3_high(self, z: Zone, path: Path, key: str) -> Path:
+        """Sign `z` (Ed25519 key from dnssec-keygen) with an NSEC3 chain of `z.iterations` iterations,
+        which BIND refuses to make: hash, chain and RRSIGs are computed here with dnspython's canonical
+        form and `cryptography`."""
+        import base64
+
+        import dns.dnssec
+        import dns.rdataclass
+        import dns.rdtypes.ANY.RRSIG
+        import dns.rrset
+        import dns.zone
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        from protocols.dns.dnssec import crypto
+        from protocols.dns.dnssec.denial import nsec3_hash
+
+        origin = dns.name.from_text(z.name)
+        keydir = self.dir / "keys"
+        priv_b64 = next(line.split(":", 1)[1].strip() for line in (keydir / f"{key}.private").read_text().splitlines()
+                        if line.startswith("PrivateKey:"))
+        priv = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(priv_b64))
+        dnskey_line = next(line for line in (keydir / f"{key}.key").read_text().splitlines()
+                           if " DNSKEY " in line and not line.startswith(";"))
+        text = path.read_text() + dnskey_line + f"\n@ NSEC3PARAM 1 0 {z.iterations} -\n"
+        zone = dns.zone.from_text(text, origin=origin, relativize=False, check_origin=True)
+        dnskey = zone.find_rdataset(origin, "DNSKEY")[0]
+        tag = crypto.key_tag(dnskey)
+        names = sorted(zone.nodes)
+        hashes = {n: nsec3_hash(n, b"", z.iterations) for n in names}
+        order = sorted(hashes.values())
+        now = time.time()
+        inception, expiration = int(now - 3600), int(now + 30 * 86400)
+        rrsets = [dns.rrset.from_rdata_list(n, rds.ttl, list(rds)) for n, node in zone.nodes.items()
+                  for rds in node.rdatasets]
+        for n in names:
+            h = hashes[n]
+            nxt = order[(order.index(h) + 1) % len(order)]
+            types = sorted({dns.rdatatype.to_text(r.rdtype) for r in zone.nodes[n].rdatasets} | {"RRSIG"})
+            owner = dns.name.Name((base64.b32hexencode(h).lower(),) + origin.labels)
+            rrsets.append(dns.rrset.from_text(owner, 300, "IN", "NSEC3", f"1 0 {z.iterations} - "
+                                              f"{base64.b32hexencode(nxt).decode().lower()} {' '.join(types)}"))
+        out_lines = []
+        for rs in rrsets:
+            t = dns.rdtypes.ANY.RRSIG.RRSIG(dns.rdataclass.IN, dns.rdatatype.RRSIG, rs.rdtype, 15, len(rs.name) - 1,
+                                            rs.ttl, expiration, inception, tag, origin, b"")
+            sig = t.replace(signature=priv.sign(dns.dnssec._make_rrsig_signature_data(rs, t)))
+            out_lines += [rs.to_text(), f"{rs.name} {rs.ttl} IN RRSIG {sig.to_text()}"]
+        out = path.with_suffix(".signed")
+        out.write_text("\n".join(out_lines) + "\n")
+        return out
+
     def _ds(self, key: str) -> list[str]:
         return [line for line in _run([DSFROMKEY, "-2", f"{key}.key"], self.dir / "keys").splitlines() if line]
 
@@ -221,8 +277,11 @@ class DNSSECLab:
             path = self.dir / "zones" / f"{z.name.rstrip('.')}.zone"
             path.write_text(_zone_text(z.name, ip, z.extra + "\n" + "\n".join(grandchildren.get(z.name, []))))
             deleg = [f"{z.name} NS ns.{z.name}", f"ns.{z.name} A {ip}"]
-            if z.signed:
+            if z.signed and z.iterations > 150:
+                out = self._sign_nsec3_high(z, path, keys[z.name])
+            elif z.signed:
                 out = self._sign(z.name, path, [keys[z.name]], nsec3=z.nsec3, optout=z.optout, window=z.window)
+            if z.signed:
                 self._tamper(out, z)
                 signed_files[z.name] = out
                 ds = self._ds(keys[z.name])
