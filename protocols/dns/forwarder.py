@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import struct
 import time
 from collections import OrderedDict
@@ -129,6 +130,11 @@ class Forwarder:
             )
         except PoolFailure as e:
             raise Resolution(e.ede, str(e), alarm=e.alarm) from None
+        if not validate and (g_do or not s.validate):
+            # Nothing to validate or strip: shape the answer from bytes (no dnspython parse).
+            entry = self._entry_raw(key, qname, qtype, ans, g_edns=g_edns, g_do=g_do)
+            if entry is not None:
+                return entry
         try:
             msg = dns.message.from_wire(ans.wire, ignore_trailing=True)
         except Exception as e:  # noqa: BLE001 - any parse failure of upstream data
@@ -224,6 +230,65 @@ class Forwarder:
         entry = CacheEntry(
             w, tuple(offsets), ttls, stored=self.clock(), lifetime=lifetime, rcode=rcode, qname=qname,
             qtype=qtype, status=status, answer_ips=ips, private_ips=private, upstream=ans.audit(),
+        )
+        if lifetime > 0:
+            self.cache.put(key, entry)
+        return entry
+
+    def _entry_raw(
+        self, key: bytes, qname: str, qtype: str, ans: UpstreamAnswer, *, g_edns: bool, g_do: bool
+    ) -> CacheEntry | None:
+        """The guest answer built straight from the upstream's bytes: header flags reset (never
+        the upstream's AD/AA), its OPT removed and ours added, TTLs capped, lifetime per RFC 2308.
+        None when the message is unusual (then the dnspython path handles it)."""
+        cs = self.settings.cache
+        w = ans.wire
+        try:
+            recs = wire.walk(w)
+        except (wire.FormErr, wire.Malformed):
+            return None
+        buf = bytearray(w)
+        arcount = struct.unpack_from("!H", w, 10)[0]
+        opts = [r for r in recs if r.rtype == wire.OPT]
+        if opts:
+            opt = opts[0]
+            if len(opts) > 1 or opt is not recs[-1] or w[opt.ttl_at] != 0:
+                return None  # several OPTs, OPT not last, or an extended rcode: the slow path
+            del buf[opt.start :]
+            recs.pop()
+            arcount -= 1
+        rcode = w[3] & 0x0F
+        struct.pack_into("!HBBH", buf, 0, 0, wire.QR, wire.RA | rcode, 1)
+        struct.pack_into("!H", buf, 10, arcount + (1 if g_edns else 0))
+        lifetime = 0
+        answers = [r for r in recs if r.section == 1]
+        if rcode in (wire.NOERROR, wire.NXDOMAIN):
+            if rcode == wire.NOERROR and answers:
+                lifetime = min(struct.unpack_from("!I", w, r.ttl_at)[0] for r in answers)
+                lifetime = max(cs.min_ttl, min(cs.max_ttl, lifetime))
+            else:
+                soa = next((r for r in recs if r.section == 2 and r.rtype == 6), None)
+                if soa is not None and soa.rdlen >= 22:
+                    minimum = struct.unpack_from("!I", w, soa.rdata_at + soa.rdlen - 4)[0]
+                    soa_ttl = struct.unpack_from("!I", w, soa.ttl_at)[0]
+                    lifetime = min(soa_ttl, minimum, cs.negative_max_ttl)
+        offsets, ttls, ips = [], [], []
+        for r in recs:
+            ttl = struct.unpack_from("!I", w, r.ttl_at)[0]
+            ttl = max(cs.min_ttl, min(ttl, cs.max_ttl, lifetime if lifetime else ttl))
+            struct.pack_into("!I", buf, r.ttl_at, ttl)
+            offsets.append(r.ttl_at)
+            ttls.append(ttl)
+            if r.section == 1 and r.rtype in (1, 28) and r.rdlen in (4, 16):
+                fam = socket.AF_INET if r.rdlen == 4 else socket.AF_INET6
+                ips.append(socket.inet_ntop(fam, w[r.rdata_at : r.rdata_at + r.rdlen]))
+        if g_edns:
+            buf += wire.opt_rr(self.settings.edns_udp_size, g_do)
+        private = tuple(ip for ip in ips if is_private_ip(ip))
+        entry = CacheEntry(
+            bytes(buf), tuple(offsets), tuple(ttls), stored=self.clock(), lifetime=lifetime, rcode=rcode,
+            qname=qname, qtype=qtype, status=None, answer_ips=tuple(ips), private_ips=private,
+            upstream=ans.audit(),
         )
         if lifetime > 0:
             self.cache.put(key, entry)

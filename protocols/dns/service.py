@@ -72,30 +72,59 @@ def _engine_uses_answer_ip(engine: Any) -> bool:
         return True  # unknown engine: ask, to be safe
 
 
-class _UDP(asyncio.DatagramProtocol):
-    def __init__(self, svc: DNSService) -> None:
+class _UDPListener:
+    """One UDP socket read in batches: on each readiness event, drain up to BATCH datagrams.
+    asyncio's datagram transport reads one datagram per event-loop iteration, which costs a full
+    epoll round per query; this is the difference between ~20k and ~50k cache hits/s here."""
+
+    BATCH = 64
+
+    def __init__(self, svc: DNSService, sock: socket.socket) -> None:
         self.svc = svc
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.closed = False
+        sock.setblocking(False)
+        self._recvfrom = sock.recvfrom
+        self._sendto = sock.sendto
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        loop.add_reader(self.sock.fileno(), self._ready)
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        t = self.transport
-        assert t is not None
+    def _ready(self) -> None:
+        recvfrom, handle, svc = self._recvfrom, self.svc.handle, self.svc
+        for _ in range(self.BATCH):
+            try:
+                data, addr = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                svc.stats["udp_errors"] += 1
+                return
 
-        def send(resp: bytes | None) -> None:
-            if resp is not None and not t.is_closing():
-                t.sendto(resp, addr)
+            def send(resp: bytes | None, addr: tuple[Any, ...] = addr) -> None:
+                if resp is not None and not self.closed:
+                    try:
+                        self._sendto(resp, addr)
+                    except (BlockingIOError, InterruptedError):
+                        svc.stats["udp_send_dropped"] += 1  # socket buffer full: the guest retries
+                    except OSError:
+                        svc.stats["udp_errors"] += 1
 
-        try:
-            self.svc.handle(data, addr, send, False)
-        except Exception:  # one bad packet never stops a listener
-            self.svc.stats["internal_errors"] += 1
-            self.svc.log.exception("dns: unexpected error on a UDP query from %s", addr[0])
+            try:
+                handle(data, addr, send, False)
+            except Exception:  # one bad packet never stops a listener
+                svc.stats["internal_errors"] += 1
+                svc.log.exception("dns: unexpected error on a UDP query from %s", addr[0])
 
-    def error_received(self, exc: Exception) -> None:
-        self.svc.stats["udp_errors"] += 1
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.loop.remove_reader(self.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self.sock.close()
 
 
 class _TCP(asyncio.Protocol):
@@ -198,7 +227,7 @@ class DNSService:
         self.engine = ctx.engine
         self.log = ctx.log
         self.fw: Forwarder | None = None
-        self.transports: list[asyncio.DatagramTransport] = []
+        self.transports: list[_UDPListener] = []
         self.servers: list[asyncio.AbstractServer] = []
         self.tcp_conns: set[_TCP] = set()
         self.tcp_per_guest: defaultdict[str, int] = defaultdict(int)
@@ -228,8 +257,9 @@ class DNSService:
                     sock.close()
                     raise
                 port = sock.getsockname()[1]
-                t, _ = await loop.create_datagram_endpoint(lambda: _UDP(self), sock=sock)
-                self.transports.append(t)  # type: ignore[arg-type]
+                listener = _UDPListener(self, sock)
+                listener.start(loop)
+                self.transports.append(listener)
                 srv = await loop.create_server(lambda: _TCP(self), host, port, reuse_address=True, backlog=512)
                 self.servers.append(srv)
                 shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -319,3 +319,39 @@ def add_ede(wire: bytes, code: int, text: str = "") -> bytes:
     out = bytearray(wire + opt)
     _U16.pack_into(out, opt_at, rdlen + len(opt))
     return bytes(out)
+
+
+class Record:
+    """Where one resource record sits in a message (offsets into the bytes)."""
+
+    __slots__ = ("section", "start", "rtype", "ttl_at", "rdata_at", "rdlen")
+
+    def __init__(self, section: int, start: int, rtype: int, ttl_at: int, rdata_at: int, rdlen: int) -> None:
+        self.section = section  # 1 answer, 2 authority, 3 additional
+        self.start = start
+        self.rtype = rtype
+        self.ttl_at = ttl_at
+        self.rdata_at = rdata_at
+        self.rdlen = rdlen
+
+
+def walk(data: bytes) -> list[Record]:
+    """Every record of a message with exactly one question; FormErr if it does not add up."""
+    _, _, _, qd, an, ns, ar = read_header(data)
+    if qd != 1:
+        raise FormErr("expected one question")
+    i = _skip_name(data, 12) + 4
+    out: list[Record] = []
+    n = len(data)
+    for idx in range(an + ns + ar):
+        start = i
+        i = _skip_name(data, i)
+        if i + 10 > n:
+            raise FormErr("record runs past the end")
+        rtype, _, _, rdlen = _RRFIX.unpack_from(data, i)
+        section = 1 if idx < an else (2 if idx < an + ns else 3)
+        out.append(Record(section, start, rtype, i + 4, i + 10, rdlen))
+        i += 10 + rdlen
+    if i != n:
+        raise FormErr("trailing bytes or record data past the end")
+    return out

@@ -1,0 +1,219 @@
+"""bench/dns.sh's engine: proxyvm vs Unbound (forward-tls-upstream, one thread) vs Stubby, all
+forwarding over DoT to the same local Unbound upstream (lab CA, wildcard zone), measured by dnsperf.
+
+Workloads: cache-hit (50 names repeated, warmed first), cache-miss (unique names, each asked once,
+answered upstream by a wildcard), and latency at a fixed 2,000 qps (p50/p99 from dnsperf -v).
+Each figure is the median of 3 runs; ratios are proxyvm / Unbound from the same run.
+Not a test: nothing here asserts. Usage: python bench/dns_bench.py [--seconds N] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]  # bench/policy.py shadows
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "protocols" / "dns"))
+
+from dnsfront_lab import pick_ip, start_unbound  # noqa: E402
+
+from tests.labs.pki import LabCA  # noqa: E402
+from tests.labs.proc import Daemon, free_port, wait_port  # noqa: E402
+
+PY = sys.executable
+PROFILE = os.environ.get("PROXYVM_BENCH_PROFILE", "")
+
+
+def dnsperf(ip: str, port: int, datafile: Path, *, seconds: float, once: bool = False, qps: int = 0,
+            verbose: bool = False, clients: int = 4) -> str:
+    argv = ["dnsperf", "-s", ip, "-p", str(port), "-d", str(datafile), "-l", str(seconds), "-c", str(clients),
+            "-q", "200", "-t", "2"]
+    if once:
+        argv += ["-n", "1"]
+    if qps:
+        argv += ["-Q", str(qps)]
+    if verbose:
+        argv += ["-v"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+
+
+def qps_of(out: str) -> tuple[float, float, int]:
+    qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
+    lost = re.search(r"Queries lost:\s+(\d+)", out)
+    avg = re.search(r"Average Latency \(s\):\s+([\d.]+)", out)
+    return qps, float(avg.group(1)) * 1000 if avg else 0.0, int(lost.group(1)) if lost else 0
+
+
+def latencies(out: str) -> list[float]:
+    # dnsperf -v: "> NOERROR h1.wild.test. A 0.000123"
+    return [float(m.group(1)) * 1000 for m in re.finditer(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M)]
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(len(v) * p))]
+
+
+def start_proxyvm(d: Path, ca: Path, up_ip: str) -> tuple[Daemon, str, int]:
+    ip, port = "127.0.3.1", free_port("127.0.3.1")
+    (d / "proxyvm.yaml").write_text(
+        f"dns:\n  listen: [\"{ip}:{port}\"]\n  ca_file: {ca}\n  dnssec: off\n  cache: {{size: 100000}}\n"
+        f"  limits: {{inflight: 100000}}\n"
+        f"  upstreams:\n    - {{address: \"{up_ip}:853\", name: dot1.bench.test}}\n"
+    )
+    (d / "rules.yaml").write_text("mode: enforce\ndefault: allow\nrules: []\n")
+    daemon = Daemon([PY, str(ROOT / "bench" / "dns_serve.py"), str(d / "proxyvm.yaml"), str(d / "rules.yaml")],
+                    ready=lambda: wait_port(ip, port, timeout=0.2) is None, log=d / "proxyvm.log",
+                    env={"PYTHONPATH": str(ROOT), **({"PROXYVM_BENCH_PROFILE": PROFILE} if PROFILE else {})},
+                    ).start()
+    return daemon, ip, port
+
+
+def start_unbound_forwarder(d: Path, ca: Path, up_ip: str) -> tuple[Daemon, str, int]:
+    ip = pick_ip((53,))
+    port = free_port(ip)
+    conf = d / "unbound-fwd.conf"
+    conf.write_text(f"""server:
+    interface: {ip}@{port}
+    do-daemonize: no
+    chroot: ""
+    username: ""
+    directory: "{d}"
+    pidfile: "{d}/unbound-fwd.pid"
+    use-syslog: no
+    logfile: "{d}/unbound-fwd.log"
+    verbosity: 0
+    num-threads: 1
+    access-control: 127.0.0.0/8 allow
+    module-config: "iterator"
+    do-not-query-localhost: no
+    tls-cert-bundle: "{ca}"
+    msg-cache-size: 64m
+    rrset-cache-size: 128m
+    outgoing-range: 4096
+    num-queries-per-thread: 4096
+    local-zone: "test." nodefault
+forward-zone:
+    name: "."
+    forward-tls-upstream: yes
+    forward-addr: {up_ip}@853#dot1.bench.test
+""")
+    daemon = Daemon(["unbound", "-d", "-c", str(conf)], ready=lambda: wait_port(ip, port, timeout=0.2) is None,
+                    log=d / "unbound-fwd.stderr").start()
+    return daemon, ip, port
+
+
+def start_stubby(d: Path, ca: Path, up_ip: str) -> tuple[Daemon, str, int]:
+    ip = pick_ip((53,))
+    port = free_port(ip)
+    conf = d / "stubby.yml"
+    conf.write_text(f"""resolution_type: GETDNS_RESOLUTION_STUB
+dns_transport_list: [GETDNS_TRANSPORT_TLS]
+tls_authentication: GETDNS_AUTHENTICATION_REQUIRED
+tls_query_padding_blocksize: 128
+edns_client_subnet_private: 1
+idle_timeout: 10000
+round_robin_upstreams: 0
+tls_ca_file: "{ca}"
+listen_addresses: ["{ip}@{port}"]
+appdata_dir: "{d}/stubby-appdata"
+dnssec_return_status: GETDNS_EXTENSION_FALSE
+limit_outstanding_queries: 0
+upstream_recursive_servers:
+  - address_data: {up_ip}
+    tls_port: 853
+    tls_auth_name: "dot1.bench.test"
+""")
+    (d / "stubby-appdata").mkdir(exist_ok=True)
+    daemon = Daemon(["stubby", "-C", str(conf)], ready=lambda: wait_port(ip, port, timeout=0.2) is None,
+                    log=d / "stubby.log").start()
+    return daemon, ip, port
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="proxyvm,unbound,stubby")
+    args = ap.parse_args()
+    d = Path(tempfile.mkdtemp(prefix="dnsbench-"))
+    ca = LabCA(d / "ca")
+    up_ip = pick_ip()
+    upstream = start_unbound(d, ca, up_ip, name="dot1.bench.test")
+    systems = {"proxyvm": start_proxyvm, "unbound": start_unbound_forwarder, "stubby": start_stubby}
+    hit_file = d / "hit.txt"
+    hit_file.write_text("".join(f"h{i}.wild.test A\n" for i in range(50)))
+    results: dict[str, dict[str, float]] = {}
+    running: list[Daemon] = [upstream.daemon]
+    try:
+        for name in args.only.split(","):
+            daemon, ip, port = systems[name](d, ca.ca_pem, up_ip)
+            running.append(daemon)
+            time.sleep(0.3)
+            dnsperf(ip, port, hit_file, seconds=2)  # warm the cache and the upstream connection
+            hits, misses, hit_p, miss_p = [], [], [], []
+            for run in range(args.runs):
+                out = dnsperf(ip, port, hit_file, seconds=args.seconds)
+                hits.append(qps_of(out))
+                miss_file = d / f"miss-{name}-{run}.txt"
+                n = 400_000
+                miss_file.write_text("".join(f"m{run}-{name}-{os.getpid()}-{i}.wild.test A\n" for i in range(n)))
+                out = dnsperf(ip, port, miss_file, seconds=args.seconds, once=True)
+                misses.append(qps_of(out))
+                out = dnsperf(ip, port, hit_file, seconds=4, qps=2000, verbose=True, clients=1)
+                lat = latencies(out)
+                hit_p.append((pct(lat, 0.5), pct(lat, 0.99)))
+                lat_file = d / f"lat-{name}-{run}.txt"
+                lat_file.write_text("".join(f"l{run}-{name}-{os.getpid()}-{i}.wild.test A\n" for i in range(12000)))
+                out = dnsperf(ip, port, lat_file, seconds=4, qps=2000, verbose=True, once=True, clients=1)
+                lat = latencies(out)
+                miss_p.append((pct(lat, 0.5), pct(lat, 0.99)))
+            results[name] = {
+                "hit_qps": statistics.median(h[0] for h in hits),
+                "hit_lost": statistics.median(h[2] for h in hits),
+                "miss_qps": statistics.median(m[0] for m in misses),
+                "miss_lost": statistics.median(m[2] for m in misses),
+                "hit_p50": statistics.median(x[0] for x in hit_p),
+                "hit_p99": statistics.median(x[1] for x in hit_p),
+                "miss_p50": statistics.median(x[0] for x in miss_p),
+                "miss_p99": statistics.median(x[1] for x in miss_p),
+            }
+            daemon.stop()
+            running.remove(daemon)
+            print(f"# {name}: {results[name]}", file=sys.stderr, flush=True)
+    finally:
+        for dmn in running:
+            dmn.stop()
+    print(f"\nDNS benchmark, median of {args.runs} runs ({args.seconds:g} s each), dnsperf -c 4 -q 200, "
+          f"{os.cpu_count()} CPUs, all on loopback, one shared Unbound DoT upstream\n")
+    print(f"| {'system':<10} | {'hit qps':>9} | {'miss qps':>9} | {'hit p50/p99 ms @2k':>19} | "
+          f"{'miss p50/p99 ms @2k':>20} |")
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 21}|{'-' * 22}|")
+    for name, r in results.items():
+        print(f"| {name:<10} | {r['hit_qps']:>9.0f} | {r['miss_qps']:>9.0f} | "
+              f"{r['hit_p50']:>8.3f} / {r['hit_p99']:>7.3f} | {r['miss_p50']:>8.3f} / {r['miss_p99']:>8.3f} |")
+    if "proxyvm" in results and "unbound" in results:
+        p, u = results["proxyvm"], results["unbound"]
+        print(f"\nproxyvm / unbound: cache-hit {p['hit_qps'] / u['hit_qps']:.2f}x (goal >= 0.8), "
+              f"cache-miss {p['miss_qps'] / u['miss_qps']:.2f}x (goal >= 1.0)")
+    if "proxyvm" in results and "stubby" in results:
+        p, s = results["proxyvm"], results["stubby"]
+        print(f"proxyvm / stubby:  cache-hit {p['hit_qps'] / s['hit_qps']:.2f}x, "
+              f"cache-miss {p['miss_qps'] / s['miss_qps']:.2f}x")
+    print(f"(work dir {d})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
