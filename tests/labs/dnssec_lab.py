@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import os
 import re
 import shutil
 import ssl
@@ -41,6 +42,8 @@ DSFROMKEY = shutil.which("dnssec-dsfromkey")
 DIG = shutil.which("dig")
 MISSING = [n for n, p in (("nsd", NSD), ("unbound", UNBOUND), ("dnssec-keygen", KEYGEN),
                           ("dnssec-signzone", SIGNZONE), ("dnssec-dsfromkey", DSFROMKEY), ("dig", DIG)) if not p]
+if os.geteuid() != 0:  # the fake root/TLD servers must answer on port 53 (Unbound's root hints have no port)
+    MISSING.append("root (to bind port 53 on 127.0.4.x)")
 
 ROOT_IP, TLD_IP, CHILD_IP, GRAND_IP = "127.0.4.1", "127.0.4.2", "127.0.4.3", "127.0.4.4"
 UPSTREAM_IP, ORACLE_IP = "127.0.4.10", "127.0.4.11"

@@ -247,3 +247,24 @@ def test_clock_is_injected_not_read():
     # The signatures are valid around NOW (2027), whatever the machine's clock says.
     assert asyncio.run(v.validate(N("www.example."), T("A"), m)).status == Status.SECURE
     assert asyncio.run(v.validate(N("www.example."), T("A"), m, now=NOW + 2 * 86400)).ede == EDE.SIGNATURE_EXPIRED
+
+
+async def test_deep_names_cannot_make_the_walk_fetch_without_bound():
+    # An unsigned answer for a 40-label name in a signed zone: the walk asks DS label by label and
+    # would send ~40 queries; it stops at MAX_WALK_CUTS and answers indeterminate (SERVFAIL).
+    from protocols.dns.dnssec.validator import MAX_WALK_CUTS
+
+    z = SignedZone("example.")
+    answers = {("example.", "DNSKEY"): z.dnskey_answer()}
+    deep = N(".".join(f"l{i}" for i in range(40)) + ".example.")
+    n = deep
+    while n != z.origin:
+        answers[(n.to_text(), "DS")] = response(n, "DS")  # NODATA, no proof: "not a cut"
+        n = n.parent()
+    fetch = Fetch(answers)
+    v = Validator(z.anchors(), fetch, clock=lambda: NOW)
+    m = response(deep, "A")
+    m.answer.append(dns.rrset.from_text(deep, 60, "IN", "A", "192.0.2.1"))
+    r = await v.validate(deep, T("A"), m)
+    assert r.status == Status.INDETERMINATE, r
+    assert len([c for c in fetch.calls if c[1] == "DS"]) == MAX_WALK_CUTS
