@@ -290,19 +290,21 @@ class OidIndex:
 
 class EmailIndex:
     """E-mail patterns: "*" any, "<>" null sender, "L@D" with L a literal local part or "*" and D a
-    name pattern. One level of dicts keyed by "L@D" text, so a lookup is a few probes per domain label:
-      exact  {"*@example.com", "ops@partner.net"}          domain D exactly
-      below  {"*@example.com" for "*@*.example.com", ...}   domain strictly below D
-      anydom {"ops" for "ops@*", "*" for "*@*"}             any domain
+    name pattern. Flat dicts, so a lookup is one or two probes per domain label:
+      dom_exact / dom_below    "*@example.com" / "*@*.example.com", keyed by the domain
+      addr_exact / addr_below  "ops@partner.net" / "ops@*.partner.net", keyed by "local@domain"
+      anydom                   "ops@*" keyed by "ops", "*@*" keyed by "*"
     """
 
-    __slots__ = ("any", "null", "exact", "below", "anydom")
+    __slots__ = ("any", "null", "dom_exact", "dom_below", "addr_exact", "addr_below", "anydom")
 
     def __init__(self) -> None:
         self.any = 0  # "*"
         self.null = 0  # "<>"
-        self.exact: dict[str, int] = {}
-        self.below: dict[str, int] = {}
+        self.dom_exact: dict[str, int] = {}
+        self.dom_below: dict[str, int] = {}
+        self.addr_exact: dict[str, int] = {}
+        self.addr_below: dict[str, int] = {}
         self.anydom: dict[str, int] = {}
 
     def add(self, pattern: Pattern, bit: int) -> None:
@@ -313,16 +315,17 @@ class EmailIndex:
         if pattern.domain is None:
             self.any |= bit
             return
-        local = "*" if pattern.local is None else pattern.local
-        if pattern.domain.kind is NameKind.ANY:
-            _or_into(self.anydom, local, bit)
-        elif pattern.domain.kind is NameKind.EXACT:
-            _or_into(self.exact, f"{local}@{pattern.domain.name}", bit)
+        local, dom = pattern.local, pattern.domain
+        if dom.kind is NameKind.ANY:
+            _or_into(self.anydom, "*" if local is None else local, bit)
+        elif local is None:
+            _or_into(self.dom_exact if dom.kind is NameKind.EXACT else self.dom_below, dom.name, bit)
         else:
-            _or_into(self.below, f"{local}@{pattern.domain.name}", bit)
+            _or_into(self.addr_exact if dom.kind is NameKind.EXACT else self.addr_below, f"{local}@{dom.name}", bit)
 
     def __len__(self) -> int:
-        return len(self.exact) + len(self.below) + len(self.anydom) + bool(self.any) + bool(self.null)
+        return (len(self.dom_exact) + len(self.dom_below) + len(self.addr_exact) + len(self.addr_below)
+                + len(self.anydom) + bool(self.any) + bool(self.null))
 
     def lookup(self, value: str, explicit: bool = False) -> int:
         v = value.strip().lower()
@@ -334,21 +337,31 @@ class EmailIndex:
         at = v.rfind("@")
         if at < 0:
             return m
-        local, dom = v[:at], v[at + 1 :]
+        dom = v[at + 1 :]
         if dom[-1:] == ".":
             dom = dom[:-1]
-        if self.exact:
-            get = self.exact.get
-            m |= get("*@" + dom, 0) | get(f"{local}@{dom}", 0)
-        if self.below:
-            get = self.below.get
+            v = v[:-1]
+        if self.dom_exact:
+            m |= self.dom_exact.get(dom, 0)
+        if self.addr_exact:
+            m |= self.addr_exact.get(v, 0)
+        if self.dom_below:
+            get = self.dom_below.get
             i = dom.find(".")
             while i >= 0:
                 i += 1
-                m |= get("*@" + dom[i:], 0) | get(f"{local}@{dom[i:]}", 0)
+                m |= get(dom[i:], 0)
+                i = dom.find(".", i)
+        if self.addr_below:
+            get = self.addr_below.get
+            local = v[: at + 1]  # "ops@"
+            i = dom.find(".")
+            while i >= 0:
+                i += 1
+                m |= get(local + dom[i:], 0)
                 i = dom.find(".", i)
         if self.anydom:
-            m |= self.anydom.get(local, 0)
+            m |= self.anydom.get(v[:at], 0)
             if not explicit:
                 m |= self.anydom.get("*", 0)
         return m
@@ -362,15 +375,17 @@ class EmailIndex:
         at = v.rfind("@")
         if at >= 0:
             local, dom = v[:at], v[at + 1 :].removesuffix(".")
-            for lp in (local, "*"):
-                if self.exact.get(f"{lp}@{dom}", 0) & bit:
-                    return f"{lp}@{dom}"
+            if self.addr_exact.get(f"{local}@{dom}", 0) & bit:
+                return f"{local}@{dom}"
+            if self.dom_exact.get(dom, 0) & bit:
+                return f"*@{dom}"
             i = dom.find(".")
             while i >= 0:
                 i += 1
-                for lp in (local, "*"):
-                    if self.below.get(f"{lp}@{dom[i:]}", 0) & bit:
-                        return f"{lp}@*.{dom[i:]}"
+                if self.addr_below.get(f"{local}@{dom[i:]}", 0) & bit:
+                    return f"{local}@*.{dom[i:]}"
+                if self.dom_below.get(dom[i:], 0) & bit:
+                    return f"*@*.{dom[i:]}"
                 i = dom.find(".", i)
             for lp in (local, "*"):
                 if self.anydom.get(lp, 0) & bit:
