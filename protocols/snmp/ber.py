@@ -79,9 +79,10 @@ class VarBind:
     oid_raw: bytes  # BER content octets of the OID, kept to re-encode without work
     tag: int  # value tag
     value: bytes  # value content octets
+    raw: bytes = field(default=b"", compare=False)  # the whole TLV as decoded (validated): re-sent as is
 
     def encode(self) -> bytes:
-        return tlv(SEQUENCE, tlv(OID, self.oid_raw) + tlv(self.tag, self.value))
+        return self.raw or tlv(SEQUENCE, tlv(OID, self.oid_raw) + tlv(self.tag, self.value))
 
 
 @dataclass(slots=True)
@@ -96,7 +97,7 @@ class PDU:
         return tlv(
             self.tag,
             enc_int(self.request_id) + enc_int(self.error_status) + enc_int(self.error_index)
-            + tlv(SEQUENCE, b"".join([vb.encode() for vb in self.varbinds])),
+            + tlv(SEQUENCE, b"".join([vb.raw or vb.encode() for vb in self.varbinds])),
         )
 
 
@@ -164,7 +165,12 @@ def uint_content(v: int) -> bytes:
 
 
 def enc_int(v: int) -> bytes:
+    if 0 <= v < 256:
+        return _SMALL_INTS[v]
     return tlv(INTEGER, int_content(v))
+
+
+_SMALL_INTS = [bytes((INTEGER, len(c))) + c for c in (i.to_bytes(i.bit_length() // 8 + 1, "big") for i in range(256))]
 
 
 def oid_content(oid: tuple[int, ...]) -> bytes:
@@ -197,7 +203,13 @@ def oid_parse(text: str) -> tuple[int, ...]:
 
 
 def oid_str(oid: tuple[int, ...]) -> str:
-    return ".".join(map(str, oid))
+    text = _OID_STR.get(oid)
+    if text is None:
+        text = ".".join(map(str, oid))
+        if len(_OID_STR) >= _CACHE_MAX:
+            _OID_STR.clear()
+        _OID_STR[oid] = text
+    return text
 
 
 def varbind(oid: tuple[int, ...], tag: int = NULL, value: bytes = b"") -> VarBind:
@@ -228,10 +240,22 @@ def read_tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
 
 
 def expect(buf: bytes, pos: int, end: int, tag: int, what: str) -> tuple[int, int]:
-    t, s, e = read_tlv(buf, pos, end)
-    if t != tag:
-        raise BERError(f"expected {what} (tag 0x{tag:02x}) at offset {pos}, found tag 0x{t:02x}")
-    return s, e
+    # read_tlv inlined: this is the decoder's innermost call
+    if pos + 2 > end:
+        raise BERError(f"truncated {what} at offset {pos}")
+    if buf[pos] != tag:
+        raise BERError(f"expected {what} (tag 0x{tag:02x}) at offset {pos}, found tag 0x{buf[pos]:02x}")
+    n = buf[pos + 1]
+    pos += 2
+    if n & 0x80:
+        k = n & 0x7F
+        if k == 0 or k > 4 or pos + k > end:
+            raise BERError(f"bad length at offset {pos - 2}")
+        n = int.from_bytes(buf[pos : pos + k], "big")
+        pos += k
+    if pos + n > end:
+        raise BERError(f"length {n} at offset {pos} runs past the end")
+    return pos, pos + n
 
 
 def dec_int(buf: bytes, s: int, e: int, what: str = "integer") -> int:
@@ -241,6 +265,10 @@ def dec_int(buf: bytes, s: int, e: int, what: str = "integer") -> int:
 
 
 def read_int(buf: bytes, pos: int, end: int, what: str = "integer") -> tuple[int, int]:
+    if pos + 3 <= end and buf[pos] == INTEGER and 0 < buf[pos + 1] < 10:  # the common short form
+        e = pos + 2 + buf[pos + 1]
+        if e <= end:
+            return int.from_bytes(buf[pos + 2 : e], "big", signed=True), e
     s, e = expect(buf, pos, end, INTEGER, what)
     return dec_int(buf, s, e, what), e
 
@@ -250,7 +278,23 @@ def read_octets(buf: bytes, pos: int, end: int, what: str = "octet string") -> t
     return buf[s:e], e
 
 
+_OID_CACHE: dict[bytes, tuple[int, ...]] = {}
+_OID_STR: dict[tuple[int, ...], str] = {}
+_CACHE_MAX = 65536
+
+
 def dec_oid(raw: bytes) -> tuple[int, ...]:
+    """Decode OID content octets (cached: pollers ask for the same OIDs over and over)."""
+    oid = _OID_CACHE.get(raw)
+    if oid is None:
+        oid = _dec_oid(raw)
+        if len(_OID_CACHE) >= _CACHE_MAX:
+            _OID_CACHE.clear()
+        _OID_CACHE[raw] = oid
+    return oid
+
+
+def _dec_oid(raw: bytes) -> tuple[int, ...]:
     if not raw:
         raise BERError("empty OID")
     if raw[-1] & 0x80:
@@ -312,7 +356,7 @@ def decode_varbinds(buf: bytes, pos: int, end: int, limit: int = MAX_VARBINDS_DE
             raise BERError(f"32-bit unsigned of {ce - cs} octets at offset {oe}")
         elif tag == COUNTER64 and not 0 < ce - cs <= 9:
             raise BERError(f"Counter64 of {ce - cs} octets at offset {oe}")
-        out.append(VarBind(dec_oid(oid_raw), oid_raw, tag, buf[cs:ce]))
+        out.append(VarBind(dec_oid(oid_raw), oid_raw, tag, buf[cs:ce], buf[p:ve]))
         p = ve
     return out
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from protocols.snmp import ber, usm
 from protocols.snmp.settings import Credentials
+from protocols.snmp.udp import UDPEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,6 @@ class _Report:
 _DISCOVERY = object()
 
 
-class _PeerProtocol(asyncio.DatagramProtocol):
-    def __init__(self, peer: V3Peer):
-        self.peer = peer
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.peer._received(data)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable and friends: the attempt's timer decides; nothing to do here.
-        self.peer.counters["icmp_errors"] += 1
-
-
 class V3Peer:
     """`await peer.request(ber.GET, varbinds)` -> response PDU; raises AgentTimeout / AgentError."""
 
@@ -77,8 +66,7 @@ class V3Peer:
         self.retries = retries
         self.max_size = max_size
         self.user = credentials.user.encode()
-        self.transport: asyncio.DatagramTransport | None = None
-        self._opening: asyncio.Future[None] | None = None
+        self.transport: UDPEndpoint | None = None
         self._engine: _Engine | None = None
         self._discovering: asyncio.Future[_Engine] | None = None
         self._pending: dict[int, tuple[asyncio.Future[Any], object]] = {}
@@ -88,24 +76,19 @@ class V3Peer:
         self.last_used = time.monotonic()
 
     # -- I/O ---------------------------------------------------------------------------------
-    async def _open(self) -> asyncio.DatagramTransport:
-        if self.transport is not None:
-            return self.transport
-        if self._opening is None:
-            self._opening = asyncio.get_running_loop().create_future()
+    def _open(self) -> UDPEndpoint:
+        if self.transport is None:
             try:
-                tr, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                    lambda: _PeerProtocol(self), remote_addr=self.address)
-                self.transport = tr  # type: ignore[assignment]
-                self._opening.set_result(None)
+                self.transport = UDPEndpoint.connect(self.address, lambda data, _addr: self._received(data),
+                                                     self._icmp_error)
             except OSError as e:
-                self._opening.set_exception(e)
-                self._opening = None
-                raise AgentError(f"cannot open a socket to {self.address[0]}:{self.address[1]}: {e.strerror}") from None
-        else:
-            await self._opening
-        assert self.transport is not None
+                raise AgentError(f"cannot open a socket to {self.address[0]}:{self.address[1]}: "
+                                 f"{e.strerror or e}") from None
         return self.transport
+
+    def _icmp_error(self, exc: OSError) -> None:
+        # ICMP port unreachable and friends: the attempt's timer decides; nothing else to do.
+        self.counters["icmp_errors"] += 1
 
     def close(self) -> None:
         if self.transport is not None:
@@ -183,7 +166,7 @@ class V3Peer:
         return "empty report"
 
     async def _exchange(self, msg_id: int, data: bytes, kind: object, timeout: float) -> Any:
-        tr = await self._open()
+        tr = self._open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending[msg_id] = (fut, kind)

@@ -31,6 +31,7 @@ from protocols.base import ServiceContext
 from protocols.snmp import ber, translate, usm
 from protocols.snmp.peer import AgentError, AgentTimeout, V3Peer
 from protocols.snmp.settings import Agent, Credentials, SNMPSettings, TrapReceiver
+from protocols.snmp.udp import UDPEndpoint
 
 OIDS_IN_AUDIT = 4
 MAX_PEERS = 4096  # transparent mode creates one per original destination; idle ones are evicted
@@ -56,15 +57,14 @@ class _Bucket:
     last_audit: float = 0.0
 
 
-class _GuestProtocol(asyncio.DatagramProtocol):
-    def __init__(self, service: SNMPService, handler: Any, local: tuple[str, int]):
-        self.service, self.handler, self.local = service, handler, local
-        self.transport: asyncio.DatagramTransport | None = None
+class _Listener:
+    """A guest-facing UDP socket: each datagram becomes a task running `handler`."""
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+    def __init__(self, service: SNMPService, handler: Any, host: str, port: int):
+        self.service, self.handler = service, handler
+        self.endpoint = UDPEndpoint.bind(host, port, self._datagram)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def _datagram(self, data: bytes, addr: Any) -> None:
         task = asyncio.ensure_future(self._serve(data, addr))
         self.service._tasks.add(task)
         task.add_done_callback(self.service._tasks.discard)
@@ -76,11 +76,11 @@ class _GuestProtocol(asyncio.DatagramProtocol):
             self.service.ctx.log.exception("snmp: unexpected error handling a datagram from %s", addr[0])
             self.service.counters["internal_errors"] += 1
             return
-        if reply is not None and self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
+        if reply is not None and not self.endpoint.closed:
+            self.endpoint.sendto(reply, addr)
 
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP errors for replies to vanished guests
+    def close(self) -> None:
+        self.endpoint.close()
 
 
 class SNMPService:
@@ -90,7 +90,7 @@ class SNMPService:
         self.ctx = ctx
         self.settings: SNMPSettings = ctx.settings
         self.engine = ctx.engine
-        self._listeners: list[asyncio.DatagramTransport] = []
+        self._listeners: list[_Listener] = []
         self._tasks: set[asyncio.Future[Any]] = set()
         self._peers: OrderedDict[tuple[Any, ...], V3Peer] = OrderedDict()
         self._guests: dict[str, _Bucket] = {}
@@ -117,11 +117,9 @@ class SNMPService:
         for handler, addrs in ((self.handle_datagram, self.settings.listen),
                                (self.handle_trap, self.settings.traps_listen)):
             for host, port in addrs:
-                tr, _ = await loop.create_datagram_endpoint(
-                    lambda h=handler, a=(host, port): _GuestProtocol(self, h, a), local_addr=(host, port))
-                self._listeners.append(tr)  # type: ignore[arg-type]
-                bound = tr.get_extra_info("sockname")
-                out.append(f"udp {_fmt(bound)}")
+                listener = _Listener(self, handler, host, port)
+                self._listeners.append(listener)
+                out.append(f"udp {_fmt(listener.endpoint.getsockname())}")
         if self.settings.trap_receivers:
             fam = 10 if any(":" in r.address[0] for r in self.settings.trap_receivers) else 2
             tr, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, family=fam,
@@ -130,7 +128,7 @@ class SNMPService:
         return out
 
     def bound_addresses(self) -> list[tuple[str, int]]:
-        return [tr.get_extra_info("sockname")[:2] for tr in self._listeners]
+        return [tuple(lst.endpoint.getsockname()[:2]) for lst in self._listeners]  # type: ignore[misc]
 
     async def reload(self, settings: Any, engine: Any) -> None:
         self.settings = settings
@@ -142,12 +140,14 @@ class SNMPService:
 
     async def drain(self, timeout: float) -> None:
         self._draining = True
-        for tr in self._listeners:
-            tr.close()
-        self._listeners.clear()
+        for lst in self._listeners:
+            lst.endpoint.stop_reading()  # in-flight requests still get their replies
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        for lst in self._listeners:
+            lst.close()
+        self._listeners.clear()
         for p in self._peers.values():
             p.close()
         self._peers.clear()

@@ -14,6 +14,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 # pysnmp's eso.priv and rfc3414 import each other; importing rfc3414 first avoids the cycle.
 import pysnmp.proto.secmod.rfc3414  # noqa: F401, I001
@@ -88,10 +89,12 @@ class LocalKeys:
     engine_id: bytes
     auth_key: bytes = field(repr=False)
     priv_key: bytes = field(repr=False)
-
-    @property
-    def auth_len(self) -> int:
-        return AUTH_PROTOCOLS[self.auth_name][1]
+    hash_name: str = field(default="", repr=False)
+    auth_len: int = 0
+    # AES with this key: the algorithm object (CFB contexts for encryption are made from it) and a
+    # reusable ECB encryptor (CFB decryption = one ECB pass over IV||C[:-1], then XOR).
+    aes: Any = field(default=None, repr=False, compare=False)
+    ecb: Any = field(default=None, repr=False, compare=False)
 
 
 def localize(auth_name: str, auth_password: str, priv_name: str, priv_password: str, engine_id: bytes) -> LocalKeys:
@@ -105,12 +108,13 @@ def localize(auth_name: str, auth_password: str, priv_name: str, priv_password: 
     kul_priv = univ.OctetString(kul_priv).asOctets()[:key_size]
     if len(kul_priv) != key_size:
         raise USMError(f"{priv_name} needs a {key_size}-byte key; {auth_name} cannot provide one")
-    return LocalKeys(auth_name, priv_name, engine_id, kul_auth, kul_priv)
+    aes_alg = algorithms.AES(kul_priv)
+    return LocalKeys(auth_name, priv_name, engine_id, kul_auth, kul_priv, hash_name, AUTH_PROTOCOLS[auth_name][1],
+                     aes_alg, Cipher(aes_alg, modes.ECB()).encryptor())
 
 
 def sign(keys: LocalKeys, whole: bytes, offset: int) -> bytes:
-    hash_name = AUTH_PROTOCOLS[keys.auth_name][0]
-    mac = hmac.digest(keys.auth_key, whole, hash_name)[: keys.auth_len]
+    mac = hmac.digest(keys.auth_key, whole, keys.hash_name)[: keys.auth_len]
     return whole[:offset] + mac + whole[offset + keys.auth_len :]
 
 
@@ -118,26 +122,27 @@ def verify(keys: LocalKeys, msg: ber.V3Message, whole: bytes) -> bool:
     n = keys.auth_len
     if len(msg.auth_params) != n:
         return False
-    hash_name = AUTH_PROTOCOLS[keys.auth_name][0]
     zeroed = whole[: msg.auth_offset] + bytes(n) + whole[msg.auth_offset + n :]
-    return hmac.compare_digest(hmac.digest(keys.auth_key, zeroed, hash_name)[:n], msg.auth_params)
-
-
-def _cipher(keys: LocalKeys, boots: int, etime: int, salt: bytes) -> Cipher:
-    iv = boots.to_bytes(4, "big") + etime.to_bytes(4, "big") + salt
-    return Cipher(algorithms.AES(keys.priv_key), modes.CFB(iv))
+    return hmac.compare_digest(hmac.digest(keys.auth_key, zeroed, keys.hash_name)[:n], msg.auth_params)
 
 
 def encrypt(keys: LocalKeys, boots: int, etime: int, salt: bytes, plain: bytes) -> bytes:
-    enc = _cipher(keys, boots, etime, salt).encryptor()
+    """RFC 3826 §3.1.3: AES-CFB128, IV = boots || time || salt."""
+    iv = boots.to_bytes(4, "big") + etime.to_bytes(4, "big") + salt
+    enc = Cipher(keys.aes, modes.CFB(iv)).encryptor()
     return enc.update(plain) + enc.finalize()
 
 
 def decrypt(keys: LocalKeys, boots: int, etime: int, salt: bytes, data: bytes) -> bytes:
+    """CFB128 decryption with the key's ECB encryptor: keystream = E(IV || C[0..n-2])."""
     if len(salt) != 8:
         raise USMError("privacy parameters are not 8 octets")
-    dec = _cipher(keys, boots & 0xFFFFFFFF, etime & 0xFFFFFFFF, salt).decryptor()
-    return dec.update(data) + dec.finalize()
+    n = len(data)
+    if n == 0:
+        return b""
+    iv = (boots & 0xFFFFFFFF).to_bytes(4, "big") + (etime & 0xFFFFFFFF).to_bytes(4, "big") + salt
+    stream = keys.ecb.update(iv + data[: (n - 1) // 16 * 16])[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
 class SaltCounter:

@@ -74,7 +74,7 @@ class SnmpAgent:
     """A net-snmp `snmpd` that knows only the given SNMPv3 users (authPriv), on host:port/udp."""
 
     def __init__(self, workdir: Path, host: str, port: int, users: list[V3User], *,
-                 engine_id: str = "0x80001f8880c0ffee0001", extra_conf: str = ""):
+                 engine_id: str | None = "0x80001f8880c0ffee0001", extra_conf: str = ""):
         self.dir = Path(workdir) / f"snmpd-{host}-{port}"
         self.host, self.port, self.users, self.engine_id = host, port, users, engine_id
         self.extra_conf = extra_conf
@@ -84,23 +84,32 @@ class SnmpAgent:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self) -> SnmpAgent:
+    def start(self, keep_state: bool = False) -> SnmpAgent:
+        """Start snmpd; `keep_state=True` keeps its persistent directory (engineBoots goes up,
+        as after a real reboot of the agent)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         persist = self.dir / "persist"
-        if persist.exists():
+        if persist.exists() and not keep_state:
             shutil.rmtree(persist)
-        persist.mkdir()
-        lines = [f"agentAddress udp:{self.host}:{self.port}", f"exactEngineID {self.engine_id}",
-                 "sysServices 72", "sysDescr proxyvm lab agent", "sysLocation lab"]
+        persist.mkdir(exist_ok=True)
+        # exactEngineID pins the ID but makes snmpd restart engineBoots at 1; engine_id=None lets
+        # snmpd keep its own ID and count boots in the persistent directory like a real agent.
+        lines = [f"agentAddress udp:{self.host}:{self.port}", "sysServices 72", "sysDescr proxyvm lab agent",
+                 "sysLocation lab"]
+        if self.engine_id:
+            lines.append(f"exactEngineID {self.engine_id}")
         for u in self.users:
             lines.append(u.create_line())
             lines.append(f"{'rwuser' if u.access == 'rw' else 'rouser'} {u.name} priv")
         lines.append(self.extra_conf)
         conf = self.dir / "snmpd.conf"
         conf.write_text("\n".join(lines) + "\n")
-        env = {"SNMP_PERSISTENT_DIR": str(persist), "MIBS": "", "MIBDIRS": str(self.dir)}
+        # No -C: that would also skip the persistent file (engineBoots, oldEngineID). SNMPCONFPATH
+        # limits the search to our directory and the persistent one, never /etc/snmp.
+        env = {"SNMP_PERSISTENT_DIR": str(persist), "SNMPCONFPATH": f"{self.dir}:{persist}", "MIBS": "",
+               "MIBDIRS": str(self.dir)}
         self.daemon = Daemon(
-            ["/usr/sbin/snmpd", "-f", "-C", "-c", str(conf), "-Lf", str(self.dir / "snmpd.log"),
+            ["/usr/sbin/snmpd", "-f", "-Lf", str(self.dir / "snmpd.log"),
              "-p", str(self.dir / "snmpd.pid")],
             ready=lambda: wait_port(self.host, self.port, "udp", timeout=0.2) or True,
             log=self.dir / "stdout.log", env=env, timeout=20,
@@ -116,6 +125,12 @@ class SnmpAgent:
     def stop(self) -> None:
         if self.daemon:
             self.daemon.stop()
+
+    def restart(self, *, keep_state: bool = True) -> SnmpAgent:
+        """Reboot the agent: with its state (engineBoots + 1 when engine_id=None), or without
+        (a new engine ID when engine_id=None)."""
+        self.stop()
+        return self.start(keep_state=keep_state)
 
     def __enter__(self) -> SnmpAgent:
         return self.start()

@@ -232,3 +232,35 @@ rules:
     (oid, val), = values(out).items()
     assert "Counter64" not in val and not oid.startswith(IF_IN_OCTETS_HC)
     assert oid > "1.3.6.1.2.1.31.1.1.1.13"
+
+
+async def test_agent_reboot_resyncs_time_and_engine_id(make_proxy, lab_dir: Path, tmp_path: Path) -> None:
+    """A rebooted agent (engineBoots + 1) answers the proxy's cached clock with notInTimeWindow;
+    one with a new engine ID answers unknownEngineID. Both are recovered without a guest error."""
+    import asyncio
+
+    from snmp_helpers import AGENT_HOST
+
+    from tests.labs.proc import free_port
+    own = SnmpAgent(lab_dir / "reboot", AGENT_HOST, free_port(AGENT_HOST, "udp"), [MONITOR], engine_id=None).start()
+    try:
+        run = await make_proxy(agent=own, timeout="1s")
+
+        async def ask() -> str:
+            rc, out, err = await tool(tmp_path, "snmpget", "-v2c", "-c", "labcomm", "-On", "-r", "0", "-t", "5",
+                                      run.address, SYS_NAME)
+            assert rc == 0, err
+            return out
+
+        await ask()
+        peer = next(iter(run.service._peers.values()))
+        first_id = peer.engine_id
+        await asyncio.to_thread(own.restart)
+        await ask()
+        assert peer.counters["resyncs"] >= 1 and peer.engine_id == first_id, peer.counters
+        await asyncio.to_thread(own.restart, keep_state=False)
+        await ask()
+        assert peer.engine_id != first_id and peer.counters["discoveries"] == 2, peer.counters
+        assert all(r["status"] == "noError" for r in run.records(request__op="get"))
+    finally:
+        own.stop()
