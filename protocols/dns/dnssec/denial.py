@@ -153,9 +153,13 @@ class NSECProof:
         return _bogus(f"no NSEC proves that {name} has no {tname}")
 
     def wildcard(self, name: dns.name.Name, labels: int) -> DenialOutcome:
-        # RFC 4035 §5.3.4: the expanded name must be proven not to exist.
-        if self._covering(name) is None:
+        # RFC 4035 §5.3.4: the expanded name must be proven not to exist, and no name closer to it than
+        # the wildcard's parent may exist (else that closer name, not the wildcard, would answer).
+        cov = self._covering(name)
+        if cov is None:
             return _bogus(f"no NSEC proves that {name} does not exist (wildcard expansion)")
+        if len(self._closest_encloser(name, cov[0], cov[1])) > labels + 1:
+            return _bogus(f"NSEC shows a closer encloser of {name} than the wildcard's parent")
         return DenialOutcome(Denial.SECURE, "NSEC proves the wildcard expansion")
 
 

@@ -268,3 +268,34 @@ async def test_deep_names_cannot_make_the_walk_fetch_without_bound():
     r = await v.validate(deep, T("A"), m)
     assert r.status == Status.INDETERMINATE, r
     assert len([c for c in fetch.calls if c[1] == "DS"]) == MAX_WALK_CUTS
+
+
+def _nsec_zone_answer(z: SignedZone, qname: str, covering: tuple[str, str, str]) -> dns.message.Message:
+    """qname A answered from *.wild with its real signature, plus one NSEC (owner, next, types)."""
+    wild = z.rrset("*.wild", "A", "192.0.2.7")
+    sig = z.sign(wild)
+    expanded = dns.rrset.from_rdata_list(N(qname), 300, list(wild))
+    esig = dns.rrset.RRset(N(qname), IN, T("RRSIG"), T("A"))
+    esig.add(sig[0], 300)
+    m = response(qname, "A")
+    m.answer += [expanded, esig]
+    nsec = z.rrset(covering[0], "NSEC", f"{covering[1]}.example. {covering[2]}")
+    m.authority += [nsec, z.sign(nsec)]
+    return m
+
+
+async def test_nsec_wildcard_expansion_is_secure_when_only_the_wildcard_can_answer():
+    z = SignedZone("example.")
+    v = Validator(z.anchors(), Fetch({("example.", "DNSKEY"): z.dnskey_answer()}), clock=lambda: NOW)
+    m = _nsec_zone_answer(z, "x.wild.example.", ("*.wild", "zz", "A RRSIG NSEC"))
+    assert (await v.validate(N("x.wild.example."), T("A"), m)).status == Status.SECURE
+
+
+async def test_nsec_wildcard_replayed_below_an_existing_name_is_bogus():
+    # b.wild exists, so a.b.wild must not be synthesised from *.wild even though NSEC b.wild -> c.wild
+    # covers a.b.wild: the closest encloser is b.wild, not wild.
+    z = SignedZone("example.")
+    v = Validator(z.anchors(), Fetch({("example.", "DNSKEY"): z.dnskey_answer()}), clock=lambda: NOW)
+    m = _nsec_zone_answer(z, "a.b.wild.example.", ("b.wild", "c.wild", "A RRSIG NSEC"))
+    r = await v.validate(N("a.b.wild.example."), T("A"), m)
+    assert (r.status, r.ede) == (Status.BOGUS, EDE.NSEC_MISSING), r
