@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import dns.dnssec
 import dns.message
@@ -299,3 +300,12 @@ async def test_nsec_wildcard_replayed_below_an_existing_name_is_bogus():
     m = _nsec_zone_answer(z, "a.b.wild.example.", ("b.wild", "c.wild", "A RRSIG NSEC"))
     r = await v.validate(N("a.b.wild.example."), T("A"), m)
     assert (r.status, r.ede) == (Status.BOGUS, EDE.NSEC_MISSING), r
+
+
+@pytest.mark.skipif(not Path("/usr/share/dns/root.key").exists(), reason="dns-root-data is not installed")
+def test_builtin_root_ds_match_the_real_root_ksks():
+    # Debian's dns-root-data ships the IANA root KSKs as DNSKEY records: each built-in DS must be the
+    # digest of one of them (so the built-in default can validate the real root zone).
+    keys = load_anchor_file("/usr/share/dns/root.key")[dns.name.root].dnskeys
+    for ds in builtin_anchors()[dns.name.root].ds:
+        assert any(crypto.ds_matches(ds, dns.name.root, k) for k in keys), ds
