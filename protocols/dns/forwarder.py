@@ -91,7 +91,7 @@ class Forwarder:
         self.clock = clock
         self.cache = Cache(settings.cache.size, settings.cache.serve_stale)
         self.pool = UpstreamPool(settings, log)
-        self.flights: dict[bytes, asyncio.Task[CacheEntry]] = {}
+        self.flights: dict[bytes, asyncio.Future[CacheEntry]] = {}
         self._fetch_cache: OrderedDict[tuple[bytes, int], tuple[float, dns.message.Message]] = OrderedDict()
         self._fetch_flights: dict[tuple[bytes, int], asyncio.Task[dns.message.Message]] = {}
         self.validator = load_validator(settings, self.fetch, log)
@@ -101,21 +101,29 @@ class Forwarder:
     # -- misses --------------------------------------------------------------------------------
     async def resolve(self, key: bytes, qname: str, qtype: str) -> CacheEntry:
         """The entry for `key` from upstream (caller already missed the cache). Concurrent
-        callers with the same key share one upstream query. Raises Resolution."""
-        task = self.flights.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._miss(key, qname, qtype))
-            self.flights[key] = task
-            task.add_done_callback(lambda t, k=key: self._landed(k, t))
-        else:
+        callers with the same key share one upstream query: the first does the work, the others
+        wait on its future (no extra task per miss). Raises Resolution."""
+        flight = self.flights.get(key)
+        if flight is not None:
             self.coalesced += 1
-        return await asyncio.shield(task)
-
-    def _landed(self, key: bytes, task: asyncio.Task[CacheEntry]) -> None:
-        if self.flights.get(key) is task:
-            del self.flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved; waiters get it through the shield
+            return await asyncio.shield(flight)
+        flight = asyncio.get_running_loop().create_future()
+        self.flights[key] = flight
+        try:
+            entry = await self._miss(key, qname, qtype)
+        except asyncio.CancelledError:
+            flight.cancel()
+            raise
+        except BaseException as e:
+            flight.set_exception(e)
+            flight.exception()  # retrieved here; waiters re-raise it
+            raise
+        else:
+            flight.set_result(entry)
+            return entry
+        finally:
+            if self.flights.get(key) is flight:
+                del self.flights[key]
 
     async def _miss(self, key: bytes, qname: str, qtype: str) -> CacheEntry:
         s = self.settings
@@ -342,7 +350,9 @@ class Forwarder:
         }
 
     async def close(self) -> None:
-        tasks = [*self.flights.values(), *self._fetch_flights.values()]
+        for f in self.flights.values():
+            f.cancel()
+        tasks = list(self._fetch_flights.values())
         for t in tasks:
             t.cancel()
         if tasks:

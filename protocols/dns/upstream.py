@@ -129,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self.answers = 0
         self.created = time.monotonic()
+        self._outbox: list[bytes] = []
         self.loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks ---------------------------------------------------------------------
@@ -215,8 +216,17 @@ class _Connection(asyncio.Protocol):
         if self._idle:
             self._idle.cancel()
             self._idle = None
-        self.transport.write(_U16.pack(len(query)) + bytes(query))
+        # Queries sent in the same event-loop turn leave in one TLS write (fewer records and
+        # syscalls under load; no added latency).
+        if not self._outbox:
+            self.loop.call_soon(self._flush)
+        self._outbox.append(_U16.pack(len(query)) + bytes(query))
         return qid, fut
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
 
     def forget(self, qid: int) -> None:
         self.pending.pop(qid, None)
@@ -314,12 +324,19 @@ class Upstream:
         if self.conn is conn:
             self.conn = None
 
-    async def query(self, query: bytearray, question: bytes) -> UpstreamAnswer:
-        conn = await self.connection()
+    async def query(self, query: bytearray, question: bytes, budget: float) -> UpstreamAnswer:
+        """One attempt within `budget` seconds. On the common path (a live connection) no task is
+        created: the answer future itself is awaited with a timeout."""
         t0 = time.monotonic()
+        conn = self.conn
+        if conn is None or conn.closed:
+            conn = await asyncio.wait_for(self.connection(), budget)
+            budget -= time.monotonic() - t0
+            if budget <= 0:
+                raise TimeoutError
         qid, fut = conn.send(query, question)
         try:
-            frame = await fut
+            frame = await asyncio.wait_for(fut, budget)
         finally:
             conn.forget(qid)
         rtt = time.monotonic() - t0
@@ -399,7 +416,7 @@ class UpstreamPool:
                 budget = min(remaining, per_try + (0 if u.conn and not u.conn.closed else self.connect_budget))
                 reused = u.conn is not None and not u.conn.closed
                 try:
-                    ans = await asyncio.wait_for(u.query(wire.upstream_query(question, cd=cd, do=do), question), budget)
+                    ans = await u.query(wire.upstream_query(question, cd=cd, do=do), question, budget)
                 except TimeoutError:
                     f = UpstreamFailure("timeout", f"no answer within {budget:.2f}s", u.address)
                 except UpstreamFailure as e:
