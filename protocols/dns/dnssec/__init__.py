@@ -3,8 +3,8 @@
 Owns: the seam the DNS service codes against —
 `make_validator(settings, fetch, *, clock=time.time) -> Validator | None` and
 `await validator.validate(qname, rdtype, response) -> ValidationResult` — plus trust anchors
-(`anchors`), signature/digest checks (`crypto`), denial proofs (`denial`) and the chain walk
-(`validator`).
+(`anchors`), signature/digest checks (`crypto`), denial proofs (`denial`), the chain walk
+(`validator`) and `scrub(qname, rdtype, response)` (drop RRsets validation did not cover).
 Must not: open sockets or talk to the network (the service injects `fetch`, which sends a DO=1, CD=1
 query through the DoT pool), or shape the answer to the guest.
 
@@ -20,6 +20,7 @@ from typing import Any
 
 from .anchors import TrustAnchor, TrustAnchorError, builtin_anchors, load_anchor_file, parse_anchors
 from .result import EDE, Status, ValidationResult
+from .scrub import scrub
 from .validator import Fetch, Validator
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "load_anchor_file",
     "make_validator",
     "parse_anchors",
+    "scrub",
 ]
 
 

@@ -309,3 +309,52 @@ def test_builtin_root_ds_match_the_real_root_ksks():
     keys = load_anchor_file("/usr/share/dns/root.key")[dns.name.root].dnskeys
     for ds in builtin_anchors()[dns.name.root].ds:
         assert any(crypto.ds_matches(ds, dns.name.root, k) for k in keys), ds
+
+
+def test_scrub_keeps_the_validated_chain_and_drops_strays():
+    from protocols.dns.dnssec.scrub import scrub
+
+    m = dns.message.from_text("""id 1
+opcode QUERY
+rcode NOERROR
+flags QR RD RA
+;QUESTION
+www.a.example. IN A
+;ANSWER
+www.a.example. 300 IN CNAME x.b.example.
+www.a.example. 300 IN RRSIG CNAME 15 3 300 20300101000000 20200101000000 1 a.example. AAAA
+x.b.example. 300 IN CNAME x.c.example.
+x.c.example. 300 IN A 192.0.2.1
+bank.example. 300 IN A 203.0.113.66
+bank.example. 300 IN RRSIG A 15 2 300 20300101000000 20200101000000 1 example. AAAA
+;AUTHORITY
+c.example. 300 IN NS ns.c.example.
+evil.example. 300 IN NS ns.evil.example.
+c.example. 300 IN SOA ns hm 1 2 3 4 5
+;ADDITIONAL
+ns.c.example. 300 IN A 192.0.2.53
+""")
+    s = scrub(N("www.a.example."), T("A"), m)
+    assert [(r.name.to_text(), dns.rdatatype.to_text(r.rdtype)) for r in s.answer] == [
+        ("www.a.example.", "CNAME"), ("www.a.example.", "RRSIG"), ("x.b.example.", "CNAME"), ("x.c.example.", "A")]
+    assert {r.name.to_text() for r in s.authority} == {"c.example."}
+    assert s.additional == m.additional and len(m.answer) == 6  # the original is untouched
+
+
+def test_scrub_keeps_dname_and_its_synthesised_cname():
+    from protocols.dns.dnssec.scrub import scrub
+
+    m = dns.message.from_text("""id 1
+opcode QUERY
+rcode NOERROR
+flags QR RD RA
+;QUESTION
+www.dn.example. IN A
+;ANSWER
+dn.example. 300 IN DNAME other.example.
+www.dn.example. 300 IN CNAME www.other.example.
+www.other.example. 300 IN A 192.0.2.1
+stray.example. 300 IN TXT "x"
+""")
+    s = scrub(N("www.dn.example."), T("A"), m)
+    assert [dns.rdatatype.to_text(r.rdtype) for r in s.answer] == ["DNAME", "CNAME", "A"]
