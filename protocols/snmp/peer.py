@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,23 @@ class _Report:
 _DISCOVERY = object()
 
 
+@dataclass(slots=True)
+class _Call:
+    """One request in flight: re-sent on timeout or resync, `done` called exactly once with the
+    response PDU or an AgentTimeout/AgentError."""
+
+    tag: int
+    varbinds: list[ber.VarBind]
+    non_repeaters: int
+    max_repetitions: int
+    done: Callable[[ber.PDU | Exception], None]
+    attempts_left: int
+    resyncs: int = 0
+    msg_id: int = 0
+    timer: asyncio.TimerHandle | None = None
+    finished: bool = False
+
+
 class V3Peer:
     """`await peer.request(ber.GET, varbinds)` -> response PDU; raises AgentTimeout / AgentError."""
 
@@ -71,6 +89,7 @@ class V3Peer:
         self._discovering: asyncio.Future[_Engine] | None = None
         self._pending: dict[int, tuple[asyncio.Future[Any], object]] = {}
         self._salt = usm.SaltCounter()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.counters = {"requests": 0, "timeouts": 0, "bad_digest": 0, "late": 0, "malformed": 0,
                          "resyncs": 0, "discoveries": 0, "icmp_errors": 0, "outside_window": 0}
         self.last_used = time.monotonic()
@@ -94,10 +113,13 @@ class V3Peer:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
-        for fut, _ in self._pending.values():
-            if not fut.done():
-                fut.set_exception(AgentError("peer closed"))
+        pending = list(self._pending.values())
         self._pending.clear()
+        for obj, _kind in pending:
+            if isinstance(obj, _Call):
+                self._finish(obj, AgentError("peer closed"))
+            elif not obj.done():
+                obj.set_exception(AgentError("peer closed"))
 
     def _received(self, data: bytes) -> None:
         try:
@@ -109,46 +131,52 @@ class V3Peer:
         if entry is None:
             self.counters["late"] += 1
             return
-        fut, kind = entry
-        if fut.done():
-            return
+        obj, kind = entry
         try:
-            if kind is _DISCOVERY:
-                _, _, pdu = usm.open_message(None, msg, data)
-                if pdu.tag != ber.REPORT or not msg.engine_id:
-                    raise usm.USMError("discovery answer is not a report with an engine ID")
-                fut.set_result(_Engine(msg.engine_id, msg.boots, msg.time, time.monotonic(), None))
-                return
-            eng = self._engine
-            if not msg.flags & usm.FLAG_AUTH:
-                # Unauthenticated reports can only make us rediscover or give up this request.
-                _, _, pdu = usm.open_message(None, msg, data)
-                if pdu.tag != ber.REPORT:
-                    raise usm.USMError("unauthenticated non-report")
-                fut.set_result(_Report(self._report_name(pdu), False))
-                return
-            if eng is None or eng.keys is None or msg.engine_id != eng.engine_id:
-                raise usm.USMError("message from an unexpected engine")
-            try:
-                _, _, pdu = usm.open_message(eng.keys, msg, data)
-            except usm.USMError:
-                self.counters["bad_digest"] += 1
-                return
-            if pdu.tag == ber.REPORT:
-                name = self._report_name(pdu)
-                if name == "notInTimeWindows":
-                    # RFC 3414 §3.2.7: an authentic notInTimeWindow report carries the current clock.
-                    self._engine = _Engine(eng.engine_id, msg.boots, msg.time, time.monotonic(), eng.keys)
-                fut.set_result(_Report(name, True))
-                return
-            if not self._in_window(eng, msg):
-                self.counters["outside_window"] += 1
-                return
-            if not msg.flags & usm.FLAG_PRIV:
-                raise usm.USMError("response without privacy")
-            fut.set_result(pdu)
+            result = self._open_reply(msg, data, kind)
         except (ber.BERError, usm.USMError):
             self.counters["malformed"] += 1
+            return
+        if result is None:
+            return  # not acceptable (bad digest, outside the window): keep waiting
+        if isinstance(obj, _Call):
+            del self._pending[msg.msg_id]
+            self._on_result(obj, result)
+        elif not obj.done():
+            obj.set_result(result)
+
+    def _open_reply(self, msg: ber.V3Message, data: bytes, kind: object) -> Any:
+        if kind is _DISCOVERY:
+            _, _, pdu = usm.open_message(None, msg, data)
+            if pdu.tag != ber.REPORT or not msg.engine_id:
+                raise usm.USMError("discovery answer is not a report with an engine ID")
+            return _Engine(msg.engine_id, msg.boots, msg.time, time.monotonic(), None)
+        eng = self._engine
+        if not msg.flags & usm.FLAG_AUTH:
+            # Unauthenticated reports can only make us rediscover or give up this request.
+            _, _, pdu = usm.open_message(None, msg, data)
+            if pdu.tag != ber.REPORT:
+                raise usm.USMError("unauthenticated non-report")
+            return _Report(self._report_name(pdu), False)
+        if eng is None or eng.keys is None or msg.engine_id != eng.engine_id:
+            raise usm.USMError("message from an unexpected engine")
+        try:
+            _, _, pdu = usm.open_message(eng.keys, msg, data)
+        except usm.USMError:
+            self.counters["bad_digest"] += 1
+            return None
+        if pdu.tag == ber.REPORT:
+            name = self._report_name(pdu)
+            if name == "notInTimeWindows":
+                # RFC 3414 §3.2.7: an authentic notInTimeWindow report carries the current clock.
+                self._engine = _Engine(eng.engine_id, msg.boots, msg.time, time.monotonic(), eng.keys)
+            return _Report(name, True)
+        if not self._in_window(eng, msg):
+            self.counters["outside_window"] += 1
+            return None
+        if not msg.flags & usm.FLAG_PRIV:
+            raise usm.USMError("response without privacy")
+        return pdu
 
     def _in_window(self, eng: _Engine, msg: ber.V3Message) -> bool:
         boots, now = eng.now()
@@ -216,42 +244,103 @@ class V3Peer:
         return self._engine.engine_id if self._engine else None
 
     # -- requests ----------------------------------------------------------------------------
-    async def request(self, tag: int, varbinds: list[ber.VarBind], non_repeaters: int = 0,
-                      max_repetitions: int = 0) -> ber.PDU:
+    def start(self, tag: int, varbinds: list[ber.VarBind], non_repeaters: int, max_repetitions: int,
+              done: Callable[[ber.PDU | Exception], None]) -> None:
+        """Send a request now (no task, no future: the hot path) and call `done` exactly once
+        with the response PDU or an AgentTimeout/AgentError. Discovery, when needed, runs first."""
         self.counters["requests"] += 1
         self.last_used = time.monotonic()
-        attempts = self.retries + 1
-        resyncs = 0
-        i = 0
-        while i < attempts:
-            eng = await self._get_engine()
-            assert eng.keys is not None
-            msg_id = next(self._ids) & 0x7FFFFFFF
-            pdu = ber.PDU(tag, msg_id, non_repeaters, max_repetitions, varbinds).encode()
-            boots, etime = eng.now()
-            data = usm.build_authpriv(eng.keys, self.user, msg_id=msg_id, boots=boots, etime=etime,
-                                      salt=self._salt.next(), pdu_bytes=pdu, reportable=True, max_size=self.max_size)
-            got = await self._exchange(msg_id, data, None, self.timeout)
-            if isinstance(got, ber.PDU):
-                if got.request_id != msg_id:
-                    i += 1
-                    continue
-                return got
-            if got is None:  # timed out
-                self.counters["timeouts"] += 1
-                i += 1
-                continue
-            assert isinstance(got, _Report)
-            if got.name == "notInTimeWindows" and got.authenticated and resyncs < 2:
-                self.counters["resyncs"] += 1
-                resyncs += 1
-                continue  # the clock is fixed now; does not use up an attempt
-            if got.name == "unknownEngineIDs" and resyncs < 2:
-                self._engine = None  # agent re-keyed or rebooted with a new ID: rediscover
-                resyncs += 1
-                continue
-            raise AgentError(f"agent reported {got.name}")
-        raise AgentTimeout("agent timeout")
+        call = _Call(tag, varbinds, non_repeaters, max_repetitions, done, self.retries + 1)
+        self._send(call)
+
+    async def request(self, tag: int, varbinds: list[ber.VarBind], non_repeaters: int = 0,
+                      max_repetitions: int = 0) -> ber.PDU:
+        fut: asyncio.Future[ber.PDU | Exception] = asyncio.get_running_loop().create_future()
+        self.start(tag, varbinds, non_repeaters, max_repetitions,
+                   lambda r: fut.done() or fut.set_result(r))
+        result = await fut
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _send(self, call: _Call) -> None:
+        eng = self._engine
+        if eng is None or eng.keys is None:
+            task = asyncio.ensure_future(self._discover_then_send(call))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        try:
+            tr = self._open()
+        except AgentError as e:
+            self._finish(call, e)
+            return
+        msg_id = next(self._ids) & 0x7FFFFFFF
+        pdu = ber.PDU(call.tag, msg_id, call.non_repeaters, call.max_repetitions, call.varbinds).encode()
+        boots, etime = eng.now()
+        data = usm.build_authpriv(eng.keys, self.user, msg_id=msg_id, boots=boots, etime=etime,
+                                  salt=self._salt.next(), pdu_bytes=pdu, reportable=True, max_size=self.max_size)
+        call.msg_id = msg_id
+        call.attempts_left -= 1
+        self._pending[msg_id] = (call, None)
+        call.timer = asyncio.get_running_loop().call_later(self.timeout, self._expired, call, msg_id)
+        tr.sendto(data)
+
+    async def _discover_then_send(self, call: _Call) -> None:
+        try:
+            await self._get_engine()
+        except (AgentTimeout, AgentError) as e:
+            self._finish(call, e)
+            return
+        self._send(call)
+
+    def _expired(self, call: _Call, msg_id: int) -> None:
+        if self._pending.get(msg_id, (None,))[0] is not call:
+            return
+        del self._pending[msg_id]
+        self.counters["timeouts"] += 1
+        if call.attempts_left > 0:
+            self._send(call)
+        else:
+            self._finish(call, AgentTimeout("agent timeout"))
+
+    def _on_result(self, call: _Call, result: Any) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        if isinstance(result, ber.PDU):
+            if result.request_id != call.msg_id:
+                self._retry_or_fail(call, AgentError("response with a wrong request-id"))
+                return
+            self._finish(call, result)
+            return
+        assert isinstance(result, _Report)
+        if result.name == "notInTimeWindows" and result.authenticated and call.resyncs < 2:
+            self.counters["resyncs"] += 1
+            call.resyncs += 1
+            call.attempts_left += 1  # the clock is fixed now; does not use up an attempt
+            self._send(call)
+            return
+        if result.name == "unknownEngineIDs" and call.resyncs < 2:
+            self._engine = None  # agent re-keyed or rebooted with a new ID: rediscover
+            call.resyncs += 1
+            call.attempts_left += 1
+            self._send(call)
+            return
+        self._finish(call, AgentError(f"agent reported {result.name}"))
+
+    def _retry_or_fail(self, call: _Call, exc: Exception) -> None:
+        if call.attempts_left > 0:
+            self._send(call)
+        else:
+            self._finish(call, exc)
+
+    def _finish(self, call: _Call, result: ber.PDU | Exception) -> None:
+        if call.finished:
+            return
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+        call.done(result)
 
     def send_unconfirmed(self, data: bytes) -> None:
         if self.transport is not None:

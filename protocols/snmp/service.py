@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +58,27 @@ class _Bucket:
     last_audit: float = 0.0
 
 
+@dataclass(slots=True)
+class _Job:
+    """A guest request on its way to the agent (between _prepare and _complete)."""
+
+    msg: ber.CommunityMessage
+    pdu: ber.PDU
+    agent: Agent
+    guest: str
+    srcs: str
+    request: dict[str, Any]
+    extra: dict[str, Any]
+    decision: Decision
+    upstream: dict[str, Any]
+    t0: float
+    peer: V3Peer
+    non_rep: int
+    max_rep: int
+    bucket: _Bucket
+    engine: Any
+
+
 class _Listener:
     """A guest-facing UDP socket: each datagram becomes a task running `handler`."""
 
@@ -65,9 +87,20 @@ class _Listener:
         self.endpoint = UDPEndpoint.bind(host, port, self._datagram)
 
     def _datagram(self, data: bytes, addr: Any) -> None:
+        if self.handler == self.service.handle_datagram:
+            try:
+                self.service._fast_datagram(data, addr, lambda reply: self._send(reply, addr))
+            except Exception:  # one bad datagram must never take the listener down
+                self.service.ctx.log.exception("snmp: unexpected error handling a datagram from %s", addr[0])
+                self.service.counters["internal_errors"] += 1
+            return
         task = asyncio.ensure_future(self._serve(data, addr))
         self.service._tasks.add(task)
         task.add_done_callback(self.service._tasks.discard)
+
+    def _send(self, reply: bytes, addr: Any) -> None:
+        if not self.endpoint.closed:
+            self.endpoint.sendto(reply, addr)
 
     async def _serve(self, data: bytes, addr: Any) -> None:
         try:
@@ -103,6 +136,7 @@ class SNMPService:
         self._trap_keys: dict[tuple[Any, ...], usm.LocalKeys] = {}
         self._trap_ids = 1
         self._draining = False
+        self._inflight_jobs = 0
         self.counters: dict[str, int] = {
             "requests": 0, "denied": 0, "agent_timeouts": 0, "agent_errors": 0, "malformed": 0,
             "unknown_community": 0, "v3_from_guest": 0, "flood_dropped": 0, "internal_errors": 0,
@@ -142,9 +176,14 @@ class SNMPService:
         self._draining = True
         for lst in self._listeners:
             lst.endpoint.stop_reading()  # in-flight requests still get their replies
+        deadline = time.monotonic() + timeout
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        for _ in range(int(max(deadline - time.monotonic(), 0) / 0.02) + 1):  # callback-driven requests
+            if self._inflight_jobs <= 0:
+                break
+            await asyncio.sleep(0.02)
         for lst in self._listeners:
             lst.close()
         self._listeners.clear()
@@ -251,7 +290,58 @@ class SNMPService:
     # -- guest requests ----------------------------------------------------------------------
     async def handle_datagram(self, data: bytes, src: tuple[str, int], orig_dst: tuple[str, int] | None = None
                               ) -> bytes | None:
-        """One guest datagram on the SNMP port -> the reply to send back (None: no reply)."""
+        """One guest datagram on the SNMP port -> the reply to send back (None: no reply).
+        This is the transparent-mode seam: `orig_dst` is the guest's original destination."""
+        job = self._prepare(data, src, orig_dst)
+        if not isinstance(job, _Job):
+            return job
+        try:
+            resp: ber.PDU | Exception = await job.peer.request(job.pdu.tag, job.pdu.varbinds, job.non_rep,
+                                                               job.max_rep)
+            if job.msg.version == ber.V1 and job.pdu.tag == ber.GETNEXT:
+                assert isinstance(resp, ber.PDU)
+                resp = await self._skip_counter64(job.peer, job.pdu, resp)
+        except (AgentTimeout, AgentError) as e:
+            resp = e
+        return self._complete(job, resp)
+
+    def _fast_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
+        """The listener's path: like handle_datagram, but without a task or future per request
+        (callbacks from the agent's socket finish it). v1 GETNEXT needs several agent round trips
+        (Counter64 skipping) and takes the coroutine path."""
+        job = self._prepare(data, (addr[0], addr[1]), None)
+        if not isinstance(job, _Job):
+            if job is not None:
+                reply(job)
+            return
+        if job.msg.version == ber.V1 and job.pdu.tag == ber.GETNEXT:
+            task = asyncio.ensure_future(self._finish_async(job, reply))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+
+        def done(resp: ber.PDU | Exception) -> None:
+            try:
+                reply(self._complete(job, resp))
+            except Exception:  # a bug here must not break the agent socket's reader
+                self.counters["internal_errors"] += 1
+                self.ctx.log.exception("snmp: unexpected error completing a request")
+
+        job.peer.start(job.pdu.tag, job.pdu.varbinds, job.non_rep, job.max_rep, done)
+
+    async def _finish_async(self, job: _Job, reply: Callable[[bytes], None]) -> None:
+        try:
+            resp: ber.PDU | Exception = await job.peer.request(job.pdu.tag, job.pdu.varbinds, job.non_rep,
+                                                               job.max_rep)
+            assert isinstance(resp, ber.PDU)
+            resp = await self._skip_counter64(job.peer, job.pdu, resp)
+        except (AgentTimeout, AgentError) as e:
+            resp = e
+        reply(self._complete(job, resp))
+
+    def _prepare(self, data: bytes, src: tuple[str, int], orig_dst: tuple[str, int] | None) -> _Job | bytes | None:
+        """Everything before the agent: decode, choose the agent, flood limits, policy. Returns the
+        reply (denials, errors), None (a silent drop), or a _Job to send to the agent."""
         t0 = time.perf_counter()
         guest = self.ctx.guests.lookup(src[0])
         srcs = _fmt(src)
@@ -292,18 +382,10 @@ class SNMPService:
         if bucket is None:
             self._flood(guest, srcs, now, "request flood")
             return None
-        bucket.inflight += 1
         self.counters["requests"] += 1
-        try:
-            return await self._serve(msg, pdu, agent, guest, srcs, orig_dst, t0)
-        finally:
-            bucket.inflight -= 1
 
-    async def _serve(self, msg: ber.CommunityMessage, pdu: ber.PDU, agent: Agent, guest: str, srcs: str,
-                     orig_dst: tuple[str, int] | None, t0: float) -> bytes:
         s = self.settings
         op = ber.OP_NAMES[pdu.tag]
-        version = msg.version
         vbs = pdu.varbinds
         request = {"agent": agent.name, "op": op, "version": _ver(version), "oid_count": len(vbs),
                    "oids": [ber.oid_str(vb.oid) for vb in vbs[:OIDS_IN_AUDIT]]}
@@ -319,14 +401,11 @@ class SNMPService:
             if max_rep != pdu.error_index:
                 extra["clamped_from"] = pdu.error_index
 
-        def reply(p: ber.PDU) -> bytes:
-            return translate.encode_bounded(version, msg.community, p, s.limits.max_response_size, pdu)
-
         if len(vbs) > s.limits.max_varbinds:
             d = _guard("snmp.limits", f"{len(vbs)} varbinds exceed max_varbinds {s.limits.max_varbinds}")
             self.counters["denied"] += 1
             self._audit(d, guest, srcs, request, None, "tooBig", t0, extra)
-            return reply(translate.error_response(version, pdu, ber.TOO_BIG, 0))
+            return self._encode(msg, pdu, translate.error_response(version, pdu, ber.TOO_BIG, 0))
 
         # Policy per requested OID; the first denial decides the whole request.
         engine = self.engine
@@ -341,39 +420,48 @@ class SNMPService:
                 decision = d
         if decision is None:  # an empty varbind list: decide the operation itself
             decision = engine.decide("snmp", guest, {"agent": agent.name, "op": op, "oid": "0"})
-            if decision.verdict is Verdict.DENY:
-                bad_index = 0
         if decision.verdict is Verdict.DENY:
             self.counters["denied"] += 1
             status = ber.NO_ACCESS if pdu.tag == ber.SET else ber.AUTHORIZATION_ERROR
             out = translate.error_response(version, pdu, status, bad_index)
             self._audit(decision, guest, srcs, request, None, ber.error_name(out.error_status), t0, extra)
-            return reply(out)
-        upstream = {"address": _fmt(agent.address), "security": "authPriv",
-                    "auth": agent.credentials.auth_protocol, "priv": agent.credentials.priv_protocol}
+            return self._encode(msg, pdu, out)
         if not vbs:
             self._audit(decision, guest, srcs, request, None, "noError", t0, extra)
-            return reply(ber.PDU(ber.RESPONSE, pdu.request_id, 0, 0, []))
-
+            return self._encode(msg, pdu, ber.PDU(ber.RESPONSE, pdu.request_id, 0, 0, []))
+        upstream = {"address": _fmt(agent.address), "security": "authPriv",
+                    "auth": agent.credentials.auth_protocol, "priv": agent.credentials.priv_protocol}
         peer = self._peer(agent.address, agent.credentials, agent.timeout, agent.retries)
-        try:
-            resp = await peer.request(pdu.tag, vbs, non_rep, max_rep)
-            if version == ber.V1 and pdu.tag == ber.GETNEXT:
-                resp = await self._skip_counter64(peer, pdu, resp)
-        except AgentTimeout:
-            self.counters["agent_timeouts"] += 1
-            self._audit(decision, guest, srcs, request, upstream, "agent timeout", t0, extra)
-            return reply(translate.error_response(version, pdu, ber.GEN_ERR, 0))
-        except AgentError as e:
-            self.counters["agent_errors"] += 1
-            self._audit(decision, guest, srcs, request, upstream, str(e), t0, extra)
-            return reply(translate.error_response(version, pdu, ber.GEN_ERR, 0))
+        bucket.inflight += 1
+        self._inflight_jobs += 1
+        return _Job(msg, pdu, agent, guest, srcs, request, extra, decision, upstream, t0, peer, non_rep, max_rep,
+                    bucket, engine)
 
+    def _encode(self, msg: ber.CommunityMessage, request: ber.PDU, out: ber.PDU) -> bytes:
+        return translate.encode_bounded(msg.version, msg.community, out, self.settings.limits.max_response_size,
+                                        request)
+
+    def _complete(self, job: _Job, resp: ber.PDU | Exception) -> bytes:
+        """The agent's answer (or failure) -> the guest's reply, audited."""
+        job.bucket.inflight -= 1
+        self._inflight_jobs -= 1
+        version, pdu = job.msg.version, job.pdu
+        if isinstance(resp, AgentTimeout):
+            self.counters["agent_timeouts"] += 1
+            self._audit(job.decision, job.guest, job.srcs, job.request, job.upstream, "agent timeout", job.t0,
+                        job.extra)
+            return self._encode(job.msg, pdu, translate.error_response(version, pdu, ber.GEN_ERR, 0))
+        if isinstance(resp, Exception):
+            self.counters["agent_errors"] += 1
+            self._audit(job.decision, job.guest, job.srcs, job.request, job.upstream, str(resp), job.t0, job.extra)
+            return self._encode(job.msg, pdu, translate.error_response(version, pdu, ber.GEN_ERR, 0))
         status = ber.error_name(resp.error_status)
         if pdu.tag in (ber.GETNEXT, ber.GETBULK) and resp.error_status == ber.NO_ERROR:
-            filtered, cut = translate.filter_view(pdu, resp, non_rep, self._view(engine, guest, agent.name, op))
+            filtered, cut = translate.filter_view(pdu, resp, job.non_rep,
+                                                  self._view(job.engine, job.guest, job.agent.name,
+                                                             job.request["op"]))
             if cut:
-                extra["past_view"] = cut
+                job.extra["past_view"] = cut
             resp = ber.PDU(ber.RESPONSE, pdu.request_id, 0, 0, filtered)
         if version == ber.V1:
             out = translate.to_v1(pdu, resp)
@@ -381,8 +469,8 @@ class SNMPService:
             out = ber.PDU(ber.RESPONSE, pdu.request_id, resp.error_status, resp.error_index, resp.varbinds)
         if out.error_status and not resp.error_status:
             status = f"{ber.error_name(out.error_status)} (translated for v1)"
-        data = reply(out)
-        self._audit(decision, guest, srcs, request, upstream, status, t0, extra)
+        data = self._encode(job.msg, pdu, out)
+        self._audit(job.decision, job.guest, job.srcs, job.request, job.upstream, status, job.t0, job.extra)
         return data
 
     def _view(self, engine: Any, guest: str, agent: str, op: str) -> Any:
