@@ -146,6 +146,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="proxyvm,unbound,stubby")
+    ap.add_argument("--latency-rate", type=int, default=2000)
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="dnsbench-"))
     ca = LabCA(d / "ca")
@@ -156,49 +157,52 @@ def main() -> int:
     hit_file.write_text("".join(f"h{i}.wild.test A\n" for i in range(50)))
     results: dict[str, dict[str, float]] = {}
     running: list[Daemon] = [upstream.daemon]
+    load_before = os.getloadavg()
     try:
+        endpoints = {}
         for name in args.only.split(","):
             daemon, ip, port = systems[name](d, ca.ca_pem, up_ip)
             running.append(daemon)
-            time.sleep(0.3)
+            endpoints[name] = (ip, port)
+        time.sleep(0.3)
+        for ip, port in endpoints.values():
             dnsperf(ip, port, hit_file, seconds=2)  # warm the cache and the upstream connection
-            hits, misses, hit_p, miss_p = [], [], [], []
-            for run in range(args.runs):
-                out = dnsperf(ip, port, hit_file, seconds=args.seconds)
-                hits.append(qps_of(out))
+        raw: dict[str, dict[str, list]] = {n: {"hit": [], "miss": [], "hit_lat": [], "miss_lat": []} for n in endpoints}
+        # Rounds interleave the systems, so load from anything else on the machine hits all alike.
+        for run in range(args.runs):
+            for name, (ip, port) in endpoints.items():
+                r = raw[name]
+                r["hit"].append(qps_of(dnsperf(ip, port, hit_file, seconds=args.seconds)))
                 miss_file = d / f"miss-{name}-{run}.txt"
-                n = 400_000
-                miss_file.write_text("".join(f"m{run}-{name}-{os.getpid()}-{i}.wild.test A\n" for i in range(n)))
-                out = dnsperf(ip, port, miss_file, seconds=args.seconds, once=True)
-                misses.append(qps_of(out))
-                out = dnsperf(ip, port, hit_file, seconds=4, qps=2000, verbose=True, clients=1)
-                lat = latencies(out)
-                hit_p.append((pct(lat, 0.5), pct(lat, 0.99)))
+                miss_file.write_text("".join(f"m{run}-{name}-{os.getpid()}-{i}.wild.test A\n" for i in range(400_000)))
+                r["miss"].append(qps_of(dnsperf(ip, port, miss_file, seconds=args.seconds, once=True)))
+                lat = latencies(dnsperf(ip, port, hit_file, seconds=4, qps=args.latency_rate, verbose=True, clients=1))
+                r["hit_lat"].append((pct(lat, 0.5), pct(lat, 0.99)))
                 lat_file = d / f"lat-{name}-{run}.txt"
                 lat_file.write_text("".join(f"l{run}-{name}-{os.getpid()}-{i}.wild.test A\n" for i in range(12000)))
-                out = dnsperf(ip, port, lat_file, seconds=4, qps=2000, verbose=True, once=True, clients=1)
-                lat = latencies(out)
-                miss_p.append((pct(lat, 0.5), pct(lat, 0.99)))
+                lat = latencies(dnsperf(ip, port, lat_file, seconds=4, qps=args.latency_rate, verbose=True, once=True,
+                                        clients=1))
+                r["miss_lat"].append((pct(lat, 0.5), pct(lat, 0.99)))
+                print(f"# round {run + 1} {name}: hit {r['hit'][-1][0]:.0f} miss {r['miss'][-1][0]:.0f} qps",
+                      file=sys.stderr, flush=True)
+        for name, r in raw.items():
             results[name] = {
-                "hit_qps": statistics.median(h[0] for h in hits),
-                "hit_lost": statistics.median(h[2] for h in hits),
-                "miss_qps": statistics.median(m[0] for m in misses),
-                "miss_lost": statistics.median(m[2] for m in misses),
-                "hit_p50": statistics.median(x[0] for x in hit_p),
-                "hit_p99": statistics.median(x[1] for x in hit_p),
-                "miss_p50": statistics.median(x[0] for x in miss_p),
-                "miss_p99": statistics.median(x[1] for x in miss_p),
+                "hit_qps": statistics.median(h[0] for h in r["hit"]),
+                "miss_qps": statistics.median(m[0] for m in r["miss"]),
+                "hit_p50": statistics.median(x[0] for x in r["hit_lat"]),
+                "hit_p99": statistics.median(x[1] for x in r["hit_lat"]),
+                "miss_p50": statistics.median(x[0] for x in r["miss_lat"]),
+                "miss_p99": statistics.median(x[1] for x in r["miss_lat"]),
             }
-            daemon.stop()
-            running.remove(daemon)
-            print(f"# {name}: {results[name]}", file=sys.stderr, flush=True)
     finally:
         for dmn in running:
             dmn.stop()
-    print(f"\nDNS benchmark, median of {args.runs} runs ({args.seconds:g} s each), dnsperf -c 4 -q 200, "
-          f"{os.cpu_count()} CPUs, all on loopback, one shared Unbound DoT upstream\n")
-    print(f"| {'system':<10} | {'hit qps':>9} | {'miss qps':>9} | {'hit p50/p99 ms @2k':>19} | "
-          f"{'miss p50/p99 ms @2k':>20} |")
+    load_after = os.getloadavg()
+    print(f"\nDNS benchmark, median of {args.runs} interleaved rounds ({args.seconds:g} s each), dnsperf -c 4 -q 200, "
+          f"{os.cpu_count()} CPUs, loopback, one shared Unbound DoT upstream; load average "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
+    print(f"| {'system':<10} | {'hit qps':>9} | {'miss qps':>9} | {'hit p50/p99 ms @rate':>19} | "
+          f"{'miss p50/p99 ms @rate':>20} |")
     print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 21}|{'-' * 22}|")
     for name, r in results.items():
         print(f"| {name:<10} | {r['hit_qps']:>9.0f} | {r['miss_qps']:>9.0f} | "
