@@ -4,6 +4,7 @@ DoT upstream, with dig as the guest; audit records read from the hash-chained fi
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
 from pathlib import Path
 
@@ -42,7 +43,7 @@ async def test_proxyvm_run_serves_dns(tmp_path: Path, upstream1, lab_ca) -> None
     port, admin = free_port(PROXY_IP), free_port(PROXY_IP)
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    tmp_path.chmod(0o755)  # the worker may drop privileges after binding
+    os.chmod(tmp_path, 0o755)  # the worker may drop privileges after binding
     cfg = tmp_path / "proxyvm.yaml"
     cfg.write_text(textwrap.dedent(f"""\
         guests:

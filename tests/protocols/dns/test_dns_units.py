@@ -218,3 +218,46 @@ def test_settings_errors_are_located(tmp_path: Path, text: str, where: str, mess
         _parse(text, tmp_path)
     text_err = str(ei.value)
     assert f"c.yaml:{where}:" in text_err and message in text_err, text_err
+
+
+def _upstream_response(name: str, rcode: int, *, answer: list[str], soa: bool, do: bool) -> dns.message.Message:
+    q = dns.message.make_query(name, "A", use_edns=0, want_dnssec=do)
+    r = dns.message.make_response(q)
+    r.flags |= dns.flags.AA | dns.flags.AD  # an upstream's AD must never reach a guest
+    r.set_rcode(rcode)
+    for rr in answer:
+        r.answer.append(dns.rrset.from_text(name, 300, "IN", *rr.split(None, 1)))
+    if soa:
+        r.authority.append(dns.rrset.from_text("example.", 3600, "IN", "SOA", "ns.example. h.example. 1 2 3 4 60"))
+    r.use_edns(0, dns.flags.DO if do else 0, 1232, options=[dns.edns.GenericOption(12, b"\x00" * 40),
+                                                         dns.edns.GenericOption(11, b"\x00\xc8")])
+    return r
+
+
+@pytest.mark.parametrize(
+    ("rcode", "answer", "soa", "g_edns", "g_do"),
+    [
+        (0, ["A 192.0.2.1", "A 10.0.0.1"], False, True, False),
+        (0, ["CNAME www.example.", "AAAA fd00::1"], False, False, False),
+        (3, [], True, True, True),
+        (0, [], True, False, False),  # NODATA
+        (2, [], False, True, False),  # SERVFAIL: not cached
+    ],
+)
+def test_raw_answer_path_matches_dnspython_path(rcode, answer, soa, g_edns, g_do) -> None:
+    fw = _fw(max_ttl=200)
+    r = _upstream_response("a.example.", rcode, answer=answer, soa=soa, do=g_do)
+    bits = (wire.KEY_EDNS if g_edns else 0) | (wire.KEY_DO if g_do else 0)
+    key = dns.name.from_text("a.example").to_wire() + b"\x00\x01\x00\x01" + bytes((bits,))
+    raw = fw._entry_raw(key, "a.example", "A", _answer(r), g_edns=g_edns, g_do=g_do)
+    slow = fw._entry(key, "a.example", "A", dns.message.from_wire(r.to_wire()), _answer(r),
+                     g_edns=g_edns, g_do=g_do, status=None, vttl=None)
+    assert raw is not None
+    a, b = dns.message.from_wire(raw.wire), dns.message.from_wire(slow.wire)
+    assert (a.rcode(), a.flags, a.question, a.answer, a.authority) == (b.rcode(), b.flags, b.question, b.answer, b.authority)
+    assert [x.ttl for x in a.answer + a.authority] == [x.ttl for x in b.answer + b.authority]
+    assert (a.edns, a.ednsflags, a.payload, a.options) == (b.edns, b.ednsflags, b.payload, b.options)
+    assert not a.flags & (dns.flags.AA | dns.flags.AD)
+    assert raw.expires - raw.stored == slow.expires - slow.stored
+    assert raw.answer_ips == slow.answer_ips and raw.private_ips == slow.private_ips
+    assert (raw.expires > raw.stored) == (rcode in (0, 3) and bool(answer or soa))
