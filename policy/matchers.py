@@ -56,12 +56,15 @@ def _or_into(d: dict[Any, int], key: Any, bit: int) -> None:
 class NameIndex:
     """Names: "x" exact, "*.x" strictly below x, "*" any. Case-insensitive, trailing dot ignored."""
 
-    __slots__ = ("exact", "below", "any")
+    __slots__ = ("exact", "below", "any", "below_depths")
 
     def __init__(self) -> None:
         self.exact: dict[str, int] = {}
         self.below: dict[str, int] = {}  # parent name -> rules with "*.parent"
         self.any = 0
+        # label counts of the parents in `below`: the suffix walk probes only those depths, which
+        # keeps a big blocklist's table out of the cache for suffixes it cannot hold ("com")
+        self.below_depths: frozenset[int] = frozenset()
 
     def add(self, pattern: Pattern, bit: int) -> None:
         assert isinstance(pattern, NamePattern)
@@ -71,6 +74,7 @@ class NameIndex:
             _or_into(self.exact, pattern.name, bit)
         else:
             _or_into(self.below, pattern.name, bit)
+            self.below_depths = self.below_depths | {pattern.name.count(".") + 1}
 
     def add_names(self, exact: list[str], below: list[str], any_: bool, bit: int) -> None:
         """Bulk add from a name file (already validated and lower-cased)."""
@@ -84,6 +88,8 @@ class NameIndex:
                 d[n] = bit if old is None else old | bit
         if any_:
             self.any |= bit
+        if below:
+            self.below_depths = self.below_depths | {n.count(".") + 1 for n in below}
 
     def lookup(self, value: str, explicit: bool = False) -> int:
         v = value.lower()
@@ -94,12 +100,14 @@ class NameIndex:
             m |= self.exact.get(v, 0)
         if self.below:
             get = self.below.get
+            depths = self.below_depths
+            depth = v.count(".")  # labels in the first proper suffix
             rest = v
-            while True:  # each proper suffix: "a.b.c" -> "b.c", "c"  (partition beats find+slice)
-                _, dot, rest = rest.partition(".")
-                if not dot:
-                    return m
-                m |= get(rest, 0)
+            while depth:  # each proper suffix: "a.b.c" -> "b.c", "c"  (partition beats find+slice)
+                _, _, rest = rest.partition(".")
+                if depth in depths:
+                    m |= get(rest, 0)
+                depth -= 1
         return m
 
     def explain(self, value: str, bit: int) -> str | None:
