@@ -39,17 +39,46 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def children_rss(pid: int) -> int:
-    """RSS of pid plus its direct children (nginx workers, SO_REUSEPORT workers)."""
-    total = rss_kib(pid)
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants (nginx workers, proxyvm worker, SO_REUSEPORT workers)."""
+    parents: dict[int, list[int]] = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if int((p / "stat").read_text().split(") ", 1)[1].split()[1]) == pid:
-                    total += rss_kib(int(p.name))
+                ppid = int((p / "stat").read_text().split(") ", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
-                pass
+                continue
+            parents.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        x = todo.pop()
+        out.append(x)
+        todo.extend(parents.get(x, []))
+    return out
+
+
+def children_rss(pid: int) -> int:
+    """RSS of a whole process tree (KiB)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += rss_kib(p)
+        except OSError:
+            pass
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU of a process tree so far (live processes only)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in tree(pid):
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().split(") ", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
 
 
 def parse_latency(text: str, pct: str) -> float:
@@ -100,8 +129,16 @@ async def _sampled(sampler: Peak, url: str, host: str, seconds: int) -> dict[str
     return r
 
 
-def measure(name: str, url: str, host: str, pid: int, rounds: int, seconds: int) -> dict[str, float]:
-    small = [wrk(url + "/files/1k.bin", host, conns=32, seconds=seconds) for _ in range(rounds)]
+def measure(name: str, url: str, host: str, pid: int, rounds: int, seconds: int,
+            cpu_pid: int | None = None) -> dict[str, float]:
+    """`pid`: the process tree whose peak RSS counts; `cpu_pid`: the tree whose CPU counts."""
+    cpu_pid = cpu_pid or pid
+    small = []
+    for _ in range(rounds):
+        cpu0 = cpu_seconds(cpu_pid)
+        r = wrk(url + "/files/1k.bin", host, conns=32, seconds=seconds)
+        r["cpu_ms"] = (cpu_seconds(cpu_pid) - cpu0) * 1000 / max(1.0, r["rps"] * seconds)
+        small.append(r)
     big = []
     peaks = []
     for _ in range(rounds):
@@ -113,6 +150,7 @@ def measure(name: str, url: str, host: str, pid: int, rounds: int, seconds: int)
         "rps": med(r["rps"] for r in small),
         "p50": med(r["p50"] for r in small),
         "p99": med(r["p99"] for r in small),
+        "cpu_ms": med(r["cpu_ms"] for r in small),
         "mbps": med(r["mbps"] for r in big),
         "peak_rss_mib": med(peaks) / 1024,
         "errors": sum(r["non2xx"] for r in small + big),
@@ -186,9 +224,11 @@ def main() -> int:
             return pvm, port, pid
 
         pvm, port, pid = start_proxyvm(1)
+        tree_pid = pvm.proc.pid  # supervisor (writes the audit chain) + the HTTP worker
         procs.append(pvm)
         print(f"proxyvm (1 process) on {FRONT}:{port}, worker pid {pid}", flush=True)
-        results["proxyvm"] = measure("proxyvm", f"http://{FRONT}:{port}", "www.lab.test", pid, a.rounds, a.seconds)
+        results["proxyvm"] = measure("proxyvm", f"http://{FRONT}:{port}", "www.lab.test", pid, a.rounds,
+                                     a.seconds, cpu_pid=tree_pid)
         ws_growth, ws_base, ws_rate = asyncio.run(ws_stream(FRONT, port, pid, a.ws_mb * 1024 * 1024))
         pvm.stop()
         procs.remove(pvm)
@@ -197,8 +237,8 @@ def main() -> int:
             pvm, port, pid = start_proxyvm(a.workers)
             procs.append(pvm)
             print(f"proxyvm ({a.workers} workers) on {FRONT}:{port}", flush=True)
-            results[f"proxyvm x{a.workers}"] = measure("proxyvm-w", f"http://{FRONT}:{port}", "www.lab.test", pid,
-                                                       a.rounds, a.seconds)
+            results[f"proxyvm x{a.workers}"] = measure("proxyvm-w", f"http://{FRONT}:{port}", "www.lab.test",
+                                                       pid, a.rounds, a.seconds, cpu_pid=pvm.proc.pid)
             pvm.stop()
             procs.remove(pvm)
 
@@ -253,10 +293,10 @@ def main() -> int:
     base = results["mitmdump reverse"]
     print()
     print(f"HTTP benchmark, median of {a.rounds} x {a.seconds}s, {os.cpu_count()} cores, origin nginx TLSv1.3")
-    print(f"{'front':<20}{'1KB req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'10MB MB/s':>11}{'peak RSS MiB':>14}"
+    print(f"{'front':<20}{'1KB req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>11}{'10MB MB/s':>11}{'peak RSS MiB':>14}"
           f"{'req/s vs mitmdump':>19}{'MB/s vs mitmdump':>18}{'errors':>8}")
     for name, r in results.items():
-        print(f"{name:<20}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['mbps']:>11.1f}"
+        print(f"{name:<20}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_ms']:>11.2f}{r['mbps']:>11.1f}"
               f"{r['peak_rss_mib']:>14.1f}{r['rps'] / base['rps']:>18.2f}x{r['mbps'] / base['mbps']:>17.2f}x"
               f"{r['errors']:>8.0f}")
     print()
