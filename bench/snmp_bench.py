@@ -171,9 +171,9 @@ def main() -> int:
         w = {k: statistics.median(v) for k, v in walks.items()}
         print(f"SNMP benchmark: {a.n} outstanding v2c GETs for {a.d:.0f} s; full-tree snmpbulkwalk -Cr{a.reps}; "
               f"median of {a.runs}; load average {os.getloadavg()[0]:.2f}")
-        print(f"{'path':<14}{'gets/s':>10}{'bulkwalk s':>12}{'values':>9}")
+        print(f"{'path':<14}{'gets/s':>10}{'bulkwalk s':>12}  values walked")
         for k in gets:
-            print(f"{k:<14}{g[k]:>10.0f}{w[k]:>12.3f}{'/'.join(map(str, sorted(counts[k]))):>9}")
+            print(f"{k:<14}{g[k]:>10.0f}{w[k]:>12.3f}  {'/'.join(map(str, sorted(counts[k])))}")
         print(f"proxyvm / snmpd proxy: gets/s {g['proxyvm'] / g['snmpd proxy']:.2f}x (goal >= 0.7x), "
               f"bulkwalk time {w['proxyvm'] / w['snmpd proxy']:.2f}x (goal <= 0.5x)")
         print("raw:", json.dumps({"gets": gets, "walks": walks}))
