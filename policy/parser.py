@@ -87,6 +87,10 @@ _GENERIC_HINTS = (
     ("missing required key", "every rule needs id, action (allow|deny) and protocol ("
      + "|".join(PROTOCOLS) + ")"),
     ("policy file is binary", "is this the rules file? It must be UTF-8 YAML text"),
+    ("expected a mapping for a rule", "write each rule as a mapping: '- id: ...' with action: and protocol:"),
+    ("expected a mapping for match", "write match: as key: [patterns], e.g. match: {qname: [example.com]}"),
+    ("expected true or false", "write true or false without quotes"),
+    ("expected a string", "write a single value here (quote it if it contains ':', '#', '[' or '{')"),
     ("policy file is not UTF-8", "save the file as UTF-8"),
 )
 

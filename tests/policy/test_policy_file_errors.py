@@ -177,6 +177,22 @@ EXPECTED: dict[str, str] = {
         "unknown_protocol.yaml:4:15: unknown protocol 'htpp'\n"
         "  hint: did you mean 'http'?"
     ),
+    "match_not_a_mapping": (
+        'match_not_a_mapping.yaml:5:12: expected a mapping for match for protocol dns, found a list\n'
+        '  hint: write match: as key: [patterns], e.g. match: {qname: [example.com]}'
+    ),
+    "rule_not_a_mapping": (
+        'rule_not_a_mapping.yaml:2:5: expected a mapping for a rule, found a string\n'
+        "  hint: write each rule as a mapping: '- id: ...' with action: and protocol:"
+    ),
+    "wrong_type": (
+        'wrong_type.yaml:1:7: expected a string for mode, found a list\n'
+        "  hint: write a single value here (quote it if it contains ':', '#', '[' or '{')\n"
+        'wrong_type.yaml:6:16: expected true or false for plaintext, found a string\n'
+        '  hint: write true or false without quotes\n'
+        'wrong_type.yaml:7:21: expected a string for a qname pattern, found a mapping\n'
+        "  hint: write a single value here (quote it if it contains ':', '#', '[' or '{')"
+    ),
 }
 
 
