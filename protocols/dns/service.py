@@ -365,6 +365,10 @@ class DNSService:
             st["formerr"] += 1
             send(wire.error_response(data, None, wire.FORMERR))
             return
+        if q.badvers:
+            st["badvers"] += 1
+            send(wire.badvers_response(data, q, self.settings.edns_udp_size))
+            return
         if q.opcode != 0:
             st["notimp"] += 1
             send(wire.error_response(data, q, wire.NOTIMP, udp_size=self.settings.edns_udp_size))

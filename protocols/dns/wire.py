@@ -60,7 +60,7 @@ class Query:
 
     __slots__ = (
         "id", "b2", "b3", "opcode", "qdcount", "qname", "qend", "qtype", "qclass",
-        "edns", "udp_size", "do", "key",
+        "edns", "udp_size", "do", "key", "badvers",
     )
 
     id: int
@@ -76,6 +76,7 @@ class Query:
     udp_size: int
     do: bool
     key: bytes  # lower-cased question + variant flags
+    badvers: bool  # EDNS version other than 0 (RFC 6891 §6.1.3: answer BADVERS)
 
     @property
     def rd(self) -> bool:
@@ -158,7 +159,7 @@ def parse_query(data: bytes) -> Query:
     q.qname = data[12:i]
     q.qtype, q.qclass = struct.unpack_from("!HH", data, i)
     q.qend = i + 4
-    q.edns, q.udp_size, q.do = False, 512, False
+    q.edns, q.udp_size, q.do, q.badvers = False, 512, False, False
     j = q.qend
     if an or ns or ar:
         opts = 0
@@ -175,8 +176,7 @@ def parse_query(data: bytes) -> Query:
                 q.udp_size = max(512, rclass)
                 q.do = bool(ttl & 0x8000)
                 if (ttl >> 16) & 0xFF:
-                    # EDNS version other than 0: RFC 6891 §6.1.3 says BADVERS; we answer FORMERR.
-                    raise FormErr("EDNS version not supported")
+                    q.badvers = True
             j += 10 + rdlen
             if j > n:
                 raise FormErr("record data runs past the end")
@@ -220,8 +220,15 @@ def ede_option(code: int, text: str = "") -> bytes:
     return _U16.pack(OPT_EDE) + _U16.pack(len(body)) + body
 
 
-def opt_rr(udp_size: int, do: bool, options: bytes = b"") -> bytes:
-    return b"\x00" + struct.pack("!HHIH", OPT, udp_size, 0x8000 if do else 0, len(options)) + options
+def opt_rr(udp_size: int, do: bool, options: bytes = b"", ext_rcode: int = 0) -> bytes:
+    ttl = (ext_rcode << 24) | (0x8000 if do else 0)
+    return b"\x00" + struct.pack("!HHIH", OPT, udp_size, ttl, len(options)) + options
+
+
+def badvers_response(data: bytes, q: Query, udp_size: int) -> bytes:
+    """RFC 6891 §6.1.3: BADVERS (16) for an EDNS version we do not speak, with our version 0."""
+    out = struct.pack("!HBBHHHH", q.id, QR | (q.b2 & 0x79), RA | (q.b3 & CD), 1, 0, 0, 1)
+    return out + data[12 : q.qend] + opt_rr(udp_size, q.do, ext_rcode=16 >> 4)
 
 
 def error_response(

@@ -310,3 +310,17 @@ async def test_axfr_refused_and_any_minimal(make_proxy, upstream1) -> None:
     assert r.status == "NOERROR" and len(r.answers) == 1 and r.answers[0][2] == "HINFO"
     assert '"RFC8482"' in r.answers[0][3]
     assert not upstream1.queries_logged("www.lab.test. ANY")
+
+
+async def test_kdig_guest_udp_tcp_and_badvers(make_proxy, upstream1) -> None:
+    from dnsfront_lab import KDIG, kdig
+
+    if not KDIG:
+        pytest.skip("kdig (knot-dnsutils) is not installed")
+    p = await make_proxy(up_yaml(upstream1))
+    out = await kdig(PROXY_IP, p.port, "+tcp", "www.lab.test", "AAAA")
+    assert "NOERROR" in out and "2001:db8::10" in out, out
+    out = await kdig(PROXY_IP, p.port, "+edns=1", "www.lab.test", "A")
+    assert "BADVERS" in out, out
+    out = await kdig(PROXY_IP, p.port, "+edns", "blocked.lab.test", "A")
+    assert "REFUSED" in out and "EDE: 15 (Blocked): 'block-blocked'" in out, out

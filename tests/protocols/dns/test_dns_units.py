@@ -50,11 +50,21 @@ def test_parse_query_reads_bytes_and_keys_variants() -> None:
         (b"\x00\x01\x00\x00\x00\x01" + b"\x00" * 6 + b"\x00\x00\x01", wire.FormErr),  # class missing
         (b"\x00\x01\x00\x00\x00\x01" + b"\x00" * 6 + b"\x3f" * 300, wire.FormErr),  # name > 255
         (b"\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x01" + b"\x00\x00\x01\x00\x01" + b"\x00\x00\x29", wire.FormErr),
+        (b"\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x02" + b"\x00\x00\x01\x00\x01" + 2 * (b"\x00\x00\x29" + b"\x00" * 8), wire.FormErr),
     ],
 )
 def test_parse_query_rejects(data: bytes, exc: type[Exception]) -> None:
     with pytest.raises(exc):
         wire.parse_query(data)
+
+
+def test_badvers_for_edns_version_1() -> None:
+    q = dns.message.make_query("x.example", "A", use_edns=1)
+    data = q.to_wire()
+    p = wire.parse_query(data)
+    assert p.badvers
+    r = dns.message.from_wire(wire.badvers_response(data, p, 1232))
+    assert r.rcode() == dns.rcode.BADVERS and r.edns == 0 and r.id == q.id
 
 
 def test_upstream_query_is_padded_with_keepalive() -> None:
