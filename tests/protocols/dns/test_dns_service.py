@@ -324,3 +324,43 @@ async def test_kdig_guest_udp_tcp_and_badvers(make_proxy, upstream1) -> None:
     assert "BADVERS" in out, out
     out = await kdig(PROXY_IP, p.port, "+edns", "blocked.lab.test", "A")
     assert "REFUSED" in out and "EDE: 15 (Blocked): 'block-blocked'" in out, out
+
+
+async def test_million_name_blocklist_reload_does_not_pause_cached_answers(make_proxy, upstream1, tmp_path) -> None:
+    """Issue item 5: a qname_file of 1,000,000 names is compiled (off the event loop, as the
+    worker must do on SIGHUP) while cached names keep being answered."""
+    from policy import load_policy
+
+    names = tmp_path / "blocklist.txt"
+    names.write_text("".join(f"bad{i}.block.test\n" for i in range(1_000_000)))
+    rules = tmp_path / "big-rules.yaml"
+    rules.write_text("default: allow\nrules:\n  - id: blocklist\n    action: deny\n    protocol: dns\n"
+                     "    match: {qname_file: blocklist.txt}\n")
+    p = await make_proxy(up_yaml(upstream1))
+    warm = dns.message.make_query("www.lab.test", "A")
+    assert (await udp(p, warm)).rcode() == 0
+    worst = 0.0
+    answered = 0
+    done = asyncio.Event()
+
+    async def keep_asking() -> None:
+        nonlocal worst, answered
+        while not done.is_set():
+            t0 = time.monotonic()
+            r = await udp(p, dns.message.make_query("www.lab.test", "A"))
+            assert r.rcode() == 0
+            worst = max(worst, time.monotonic() - t0)
+            answered += 1
+            await asyncio.sleep(0.005)
+
+    asker = asyncio.ensure_future(keep_asking())
+    t0 = time.monotonic()
+    engine = await asyncio.to_thread(load_policy, rules)
+    await p.svc.reload(p.settings, engine)
+    compile_s = time.monotonic() - t0
+    done.set()
+    await asker
+    r = await dig(PROXY_IP, p.port, "bad999999.block.test", "A")
+    assert r.status == "REFUSED" and r.ede == [(15, "blocklist")]
+    assert answered >= 10, (answered, compile_s)
+    assert worst < 0.5, f"a cached answer took {worst:.3f}s during a {compile_s:.1f}s policy compile"
