@@ -51,7 +51,7 @@ def load_policy(
     """Parse, check and compile a rules file. `guests` are the guest names the config defines
     ("unknown" is always valid). Raises `policy.source.SourceError` listing every problem found."""
     known = frozenset(guests)
-    return Engine(parse_policy(path, known), known, clock)
+    return Engine.compile(parse_policy(path, known), known, clock)
 
 
 def _show(value: Any) -> str:
@@ -166,21 +166,82 @@ class _Table:
         self.fast: tuple[tuple[str, Callable[[Any], int], int], ...] = ()  # (key, lookup, free)
 
 
+def _compile_table(policy: Policy, protocol: str, guests: frozenset[str], problems: list[Problem]) -> _Table:
+    """One protocol's rules as indexes (reads the name files its rules name)."""
+    table = _Table(protocol)
+    rules = [r for r in policy.rules if r.protocol == protocol]
+    every = (1 << len(rules)) - 1
+    checks: list[_KeyCheck] = []
+    for key, kind in MATCH_KEYS[protocol].items():
+        constrained = [(pos, r) for pos, r in enumerate(rules) if key in r.constrained_keys()]
+        if not constrained:
+            continue
+        index = new_index(kind)
+        cmask = 0
+        for pos, r in constrained:
+            bit = 1 << pos
+            cmask |= bit
+            for pattern in r.match.get(key, ()):
+                index.add(pattern, bit)
+            for nf in r.name_files:
+                if nf.key != key:
+                    continue
+                try:
+                    names = read_name_file(nf)
+                except SourceError as e:
+                    problems.extend(e.problems)
+                    continue
+                assert isinstance(index, NameIndex)
+                index.add_names(names.exact, names.below, names.any, bit)
+                del names
+        checks.append(_KeyCheck(key, kind, index, every & ~cmask))
+    # AND is commutative: probe the most selective keys first so a miss stops early.
+    checks.sort(key=lambda c: (c.kind in _SET_KINDS, -len(c.index)))
+    table.checks = tuple(checks)
+    table.fast = tuple((c.key, c.index.lookup, c.free) for c in checks)
+    table.by_key = {c.key: c for c in checks}
+    for pos, r in enumerate(rules):
+        keys = [table.by_key[k] for k in MATCH_KEYS[protocol] if k in r.constrained_keys()]
+        table.entries.append(_RuleEntry(r, 1 << pos, keys, policy.mode is Mode.MONITOR, protocol))
+        if r.action is Action.ALLOW:
+            table.allow_mask |= 1 << pos
+    for guest in guests:
+        table.guest_masks[guest] = sum(
+            1 << pos for pos, r in enumerate(rules) if r.guests is None or guest in r.guests)
+    table.unknown_mask = table.guest_masks[UNKNOWN_GUEST]
+
+    pol = policy
+    if pol.default is Action.ALLOW:
+        verdict, detail = Verdict.ALLOW, "no rule matched; default allow"
+    elif policy.mode is Mode.MONITOR:
+        verdict, detail = Verdict.WOULD_DENY, "no rule matched; default deny (monitor mode: let through)"
+    else:
+        verdict, detail = Verdict.DENY, "no rule matched; default deny"
+    table.default_decision = Decision(verdict, ReasonCode.DEFAULT, "default", pol.default_at, detail)
+    return table
+
+
 class Engine:
     """A compiled, immutable policy plus its rate-limit state. Build with `load_policy`."""
 
-    def __init__(self, policy: Policy, guests: Iterable[str] = (), clock: Clock = time.monotonic) -> None:
+    def __init__(self, policy: Policy, tables: Mapping[str, _Table], guests: Iterable[str] = (),
+                 clock: Clock = time.monotonic) -> None:
+        """Wrap already compiled tables (no I/O here); use `load_policy` or `Engine.compile`."""
         self.policy = policy
         self.guests = frozenset(guests) | {UNKNOWN_GUEST}
         self.clock = clock
-        self._monitor = policy.mode is Mode.MONITOR
         self._buckets: dict[tuple[int, str], _Bucket] = {}
-        self._tables: dict[str, _Table] = {}
+        self._tables: dict[str, _Table] = dict(tables)
+
+    @classmethod
+    def compile(cls, policy: Policy, guests: Iterable[str] = (), clock: Clock = time.monotonic) -> Engine:
+        """Build the indexes of a parsed policy, reading its name files. SourceError on bad files."""
+        known = frozenset(guests) | {UNKNOWN_GUEST}
         problems: list[Problem] = []
-        for protocol in PROTOCOLS:
-            self._tables[protocol] = self._compile(protocol, problems)
+        tables = {protocol: _compile_table(policy, protocol, known, problems) for protocol in PROTOCOLS}
         if problems:
             raise SourceError(problems)
+        return cls(policy, tables, known, clock)
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -194,60 +255,6 @@ class Engine:
     @property
     def file(self) -> str:
         return self.policy.file
-
-    # -- compiling ------------------------------------------------------------------------------
-    def _compile(self, protocol: str, problems: list[Problem]) -> _Table:
-        table = _Table(protocol)
-        rules = [r for r in self.policy.rules if r.protocol == protocol]
-        every = (1 << len(rules)) - 1
-        checks: list[_KeyCheck] = []
-        for key, kind in MATCH_KEYS[protocol].items():
-            constrained = [(pos, r) for pos, r in enumerate(rules) if key in r.constrained_keys()]
-            if not constrained:
-                continue
-            index = new_index(kind)
-            cmask = 0
-            for pos, r in constrained:
-                bit = 1 << pos
-                cmask |= bit
-                for pattern in r.match.get(key, ()):
-                    index.add(pattern, bit)
-                for nf in r.name_files:
-                    if nf.key != key:
-                        continue
-                    try:
-                        names = read_name_file(nf)
-                    except SourceError as e:
-                        problems.extend(e.problems)
-                        continue
-                    assert isinstance(index, NameIndex)
-                    index.add_names(names.exact, names.below, names.any, bit)
-                    del names
-            checks.append(_KeyCheck(key, kind, index, every & ~cmask))
-        # AND is commutative: probe the most selective keys first so a miss stops early.
-        checks.sort(key=lambda c: (c.kind in _SET_KINDS, -len(c.index)))
-        table.checks = tuple(checks)
-        table.fast = tuple((c.key, c.index.lookup, c.free) for c in checks)
-        table.by_key = {c.key: c for c in checks}
-        for pos, r in enumerate(rules):
-            keys = [table.by_key[k] for k in MATCH_KEYS[protocol] if k in r.constrained_keys()]
-            table.entries.append(_RuleEntry(r, 1 << pos, keys, self._monitor, protocol))
-            if r.action is Action.ALLOW:
-                table.allow_mask |= 1 << pos
-        for guest in self.guests:
-            table.guest_masks[guest] = sum(
-                1 << pos for pos, r in enumerate(rules) if r.guests is None or guest in r.guests)
-        table.unknown_mask = table.guest_masks[UNKNOWN_GUEST]
-
-        pol = self.policy
-        if pol.default is Action.ALLOW:
-            verdict, detail = Verdict.ALLOW, "no rule matched; default allow"
-        elif self._monitor:
-            verdict, detail = Verdict.WOULD_DENY, "no rule matched; default deny (monitor mode: let through)"
-        else:
-            verdict, detail = Verdict.DENY, "no rule matched; default deny"
-        table.default_decision = Decision(verdict, ReasonCode.DEFAULT, "default", pol.default_at, detail)
-        return table
 
     # -- deciding -------------------------------------------------------------------------------
     def decide(self, protocol: str, guest: str, request: Mapping[str, Any]) -> Decision:
