@@ -67,6 +67,7 @@ class _Call:
     attempts_left: int
     resyncs: int = 0
     msg_id: int = 0
+    msg_ids: list[int] | None = None  # every attempt's msgID: a late answer to any of them is fine
     timer: asyncio.TimerHandle | None = None
     finished: bool = False
 
@@ -140,8 +141,7 @@ class V3Peer:
         if result is None:
             return  # not acceptable (bad digest, outside the window): keep waiting
         if isinstance(obj, _Call):
-            del self._pending[msg.msg_id]
-            self._on_result(obj, result)
+            self._on_result(obj, result, msg.msg_id)
         elif not obj.done():
             obj.set_result(result)
 
@@ -281,6 +281,10 @@ class V3Peer:
         data = usm.build_authpriv(eng.keys, self.user, msg_id=msg_id, boots=boots, etime=etime,
                                   salt=self._salt.next(), pdu_bytes=pdu, reportable=True, max_size=self.max_size)
         call.msg_id = msg_id
+        if call.msg_ids is None:
+            call.msg_ids = [msg_id]
+        else:
+            call.msg_ids.append(msg_id)
         call.attempts_left -= 1
         self._pending[msg_id] = (call, None)
         call.timer = asyncio.get_running_loop().call_later(self.timeout, self._expired, call, msg_id)
@@ -295,20 +299,21 @@ class V3Peer:
         self._send(call)
 
     def _expired(self, call: _Call, msg_id: int) -> None:
-        if self._pending.get(msg_id, (None,))[0] is not call:
+        if call.finished or call.msg_id != msg_id:
             return
-        del self._pending[msg_id]
         self.counters["timeouts"] += 1
         if call.attempts_left > 0:
             self._send(call)
         else:
             self._finish(call, AgentTimeout("agent timeout"))
 
-    def _on_result(self, call: _Call, result: Any) -> None:
+    def _on_result(self, call: _Call, result: Any, msg_id: int) -> None:
+        if call.finished:
+            return
         if call.timer is not None:
             call.timer.cancel()
         if isinstance(result, ber.PDU):
-            if result.request_id != call.msg_id:
+            if result.request_id != msg_id:
                 self._retry_or_fail(call, AgentError("response with a wrong request-id"))
                 return
             self._finish(call, result)
@@ -340,6 +345,8 @@ class V3Peer:
         call.finished = True
         if call.timer is not None:
             call.timer.cancel()
+        for mid in call.msg_ids or ():
+            self._pending.pop(mid, None)
         call.done(result)
 
     def send_unconfirmed(self, data: bytes) -> None:

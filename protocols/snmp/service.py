@@ -420,6 +420,12 @@ class SNMPService:
                 decision = d
         if decision is None:  # an empty varbind list: decide the operation itself
             decision = engine.decide("snmp", guest, {"agent": agent.name, "op": op, "oid": "0"})
+        if decision.verdict is Verdict.DENY and decision.code is ReasonCode.RATE_LIMITED:
+            # Over a rule's rate: a temporary condition. SNMP has no "try later" status, so answer
+            # nothing and let the guest's retry come back (like an overloaded agent).
+            self.counters["denied"] += 1
+            self._audit(decision, guest, srcs, request, None, "dropped (rate limited)", t0, extra)
+            return None
         if decision.verdict is Verdict.DENY:
             self.counters["denied"] += 1
             status = ber.NO_ACCESS if pdu.tag == ber.SET else ber.AUTHORIZATION_ERROR

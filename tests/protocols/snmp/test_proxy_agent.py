@@ -264,3 +264,51 @@ async def test_agent_reboot_resyncs_time_and_engine_id(make_proxy, lab_dir: Path
         assert all(r["status"] == "noError" for r in run.records(request__op="get"))
     finally:
         own.stop()
+
+
+async def test_rule_rate_limit_drops_without_answer(make_proxy, agent: SnmpAgent, tmp_path: Path) -> None:
+    rules = """\
+mode: enforce
+default: deny
+rules:
+  - id: slow-read
+    action: allow
+    protocol: snmp
+    match: {op: [get]}
+    rate: 2/minute
+"""
+    run = await make_proxy(rules=rules, agent=agent)
+    outcomes = []
+    for _ in range(3):
+        rc, out, err = await tool(tmp_path, "snmpget", "-v2c", "-c", "labcomm", "-On", "-r", "0", "-t", "1",
+                                  run.address, SYS_NAME)
+        outcomes.append(rc == 0)
+    assert outcomes == [True, True, False]
+    rec = run.records(request__op="get")[-1]
+    assert rec["status"] == "dropped (rate limited)" and rec["rule"] == "slow-read" and rec["verdict"] == "deny"
+
+
+async def test_trap_queue_is_bounded(make_proxy, tmp_path: Path) -> None:
+    """With one slot and an INFORM receiver that never answers, further traps are dropped, counted
+    and audited instead of queueing without bound."""
+    import asyncio
+
+    from snmp_helpers import GUEST_IP, INFORMER, TRAPD_HOST, creds_yaml
+
+    from protocols.snmp import ber
+    from tests.labs.proc import free_port
+    dead = f"{TRAPD_HOST}:{free_port(TRAPD_HOST, 'udp')}"
+    receivers = (f'trap_receivers:\n  - {{address: "{dead}", {creds_yaml(tmp_path, INFORMER)}, inform: true, '
+                 "timeout: 300ms, retries: 1}")
+    run = await make_proxy(receivers=receivers, extra="limits: {trap_queue: 1}")
+    trap = ber.CommunityMessage(ber.V2C, b"public", ber.PDU(ber.TRAP_V2, 1, 0, 0, [
+        ber.varbind((1, 3, 6, 1, 2, 1, 1, 3, 0), ber.TIMETICKS, b"\x01"),
+        ber.varbind((1, 3, 6, 1, 6, 3, 1, 1, 4, 1, 0), ber.OID, ber.oid_content((1, 3, 6, 1, 4, 1, 8072, 2, 3, 0, 1))),
+    ])).encode()
+    for i in range(3):
+        assert await run.service.handle_trap(trap, (GUEST_IP, 41000 + i), None) is None
+    assert run.service.counters["traps_dropped"] == 2
+    assert len(run.records(reason="trap queue full; dropped")) == 2
+    await asyncio.sleep(1.0)  # the one in flight times out: dropped and audited too
+    assert run.service.counters["traps_dropped"] == 3
+    assert "receiver timeout" in run.records(request__op="trap")[-1]["status"]
