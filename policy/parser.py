@@ -389,6 +389,8 @@ def read_name_file(nf: NameFile) -> NameList:
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise SourceError(Problem(name, line, col, "name file is not UTF-8 text", "save the file as UTF-8")) from None
     del data
+    if text.startswith("\ufeff"):  # a byte-order mark from Windows editors
+        text = text[1:]
     out = NameList()
     exact_append, below_append = out.exact.append, out.below.append
     fullmatch = NAME_RE.fullmatch

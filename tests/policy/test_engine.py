@@ -337,7 +337,7 @@ def test_rate_state_survives_reload_for_unchanged_rules(tmp_path: Path) -> None:
 
 def test_name_file_formats(tmp_path: Path) -> None:
     (tmp_path / "block.txt").write_text(
-        "# comment line\n"
+        "\ufeff# comment line after a byte-order mark\n"
         "\n"
         "ads.example.com\n"
         "  Tracker.Example.NET.   # trailing comment, case and dot\n"
