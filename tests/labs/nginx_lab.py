@@ -9,7 +9,8 @@
   * a plain-HTTP-only nginx on plain_ip:80 and plain_ip:443 (no TLS anywhere), to prove that
     nothing is ever sent to it in clear.
 Every access log line carries `$ssl_protocol $ssl_server_name` so a test can prove TLS and SNI.
-Stops everything by pid. Needs root (port 443) and the `nginx` binary.
+Stops everything by pid. Needs root (port 443) and the `nginx` binary. With `netns=NAME` every
+peer runs inside that (existing) network namespace; `run_in_netns(NAME, fn)` probes it from here.
 
 Also runnable as `python -m tests.labs.nginx_lab --ws-echo HOST:PORT` (the echo server itself).
 """
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
 import shutil
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.labs.pki import LabCA
 from tests.labs.proc import Daemon, free_port, wait_port
@@ -32,6 +37,42 @@ LOG_FORMAT = (
     "log_format lab '$remote_addr \"$request\" $status $body_bytes_sent "
     "ssl=$ssl_protocol sni=$ssl_server_name host=$http_host';"
 )
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def run_in_netns(netns: str | None, fn: Callable[[], Any]) -> Any:
+    """Call fn() in network namespace `netns` (None: here). Runs in a throwaway thread that
+    setns()es itself, so the caller's namespace never changes."""
+    if netns is None:
+        return fn()
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                out["e"] = OSError(ctypes.get_errno(), f"setns({netns})")
+                return
+        finally:
+            os.close(fd)
+        try:
+            out["v"] = fn()
+        except BaseException as e:  # handed to the caller
+            out["e"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join()
+    if "e" in out:
+        raise out["e"]
+    return out.get("v")
+
+
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
 def available() -> bool:
@@ -85,10 +126,12 @@ class NginxLab:
         ws_port: int | None = None,
         workers: int = 1,
         names: LabNames = LabNames(),
+        netns: str | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.main_ip, self.untrusted_ip, self.plain_ip = main_ip, untrusted_ip, plain_ip
-        self.ws_port = ws_port or free_port(main_ip)
+        self.netns = netns  # run every peer inside this network namespace (gateway/e2e labs)
+        self.ws_port = ws_port or run_in_netns(netns, lambda: free_port(main_ip))
         self.workers = workers
         self.names = names
         self.ca = LabCA(self.dir / "ca", "proxyvm lab CA")
@@ -127,8 +170,8 @@ class NginxLab:
         conf = prefix / "nginx.conf"
         conf.write_text(_nginx_conf(prefix, servers, self.workers))
         d = Daemon(
-            [NGINX, "-p", str(prefix), "-c", str(conf)],
-            ready=lambda: wait_port(*probe, timeout=0.2) or True,
+            in_netns(self.netns, [NGINX, "-p", str(prefix), "-c", str(conf)]),
+            ready=lambda: run_in_netns(self.netns, lambda: wait_port(*probe, timeout=0.2)) or True,
             log=prefix / "stdout.log",
         )
         d.start()
@@ -145,8 +188,10 @@ class NginxLab:
         rogue_cert, rogue_key = self.rogue_ca.issue([n.untrusted], stem="rogue")
         try:
             ws = Daemon(
-                [sys.executable, "-m", "tests.labs.nginx_lab", "--ws-echo", f"{self.main_ip}:{self.ws_port}"],
-                ready=lambda: wait_port(self.main_ip, self.ws_port, timeout=0.2) or True,
+                in_netns(self.netns, [sys.executable, "-m", "tests.labs.nginx_lab", "--ws-echo",
+                                      f"{self.main_ip}:{self.ws_port}"]),
+                ready=lambda: run_in_netns(self.netns, lambda: wait_port(self.main_ip, self.ws_port, timeout=0.2))
+                or True,
                 log=self.dir / "ws-echo.log",
                 cwd=Path(__file__).resolve().parents[2],
             )
