@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from protocols.snmp.settings import Agent, Credentials, SNMPSettings, TrapReceiv
 from protocols.snmp.udp import UDPEndpoint
 
 OIDS_IN_AUDIT = 4
-MAX_PEERS = 4096  # transparent mode creates one per original destination; idle ones are evicted
+MAX_PEERS = 512  # transparent mode creates one (one socket) per original destination; LRU-evicted
 SNMP_TRAP_OID = (1, 3, 6, 1, 6, 3, 1, 1, 4, 1, 0)
 SYS_UPTIME = (1, 3, 6, 1, 2, 1, 1, 3, 0)
 SNMP_TRAP_ADDRESS = (1, 3, 6, 1, 6, 3, 18, 1, 3, 0)
@@ -129,7 +130,7 @@ class SNMPService:
         self._guests: dict[str, _Bucket] = {}
         self._trap_inflight = 0
         self._informs_seen: dict[tuple[str, int, int], float] = {}
-        self._trap_transport: asyncio.DatagramTransport | None = None
+        self._trap_socks: dict[int, socket.socket] = {}  # per address family, for v3 TRAPs
         self._boots = 1
         self._started = time.monotonic()
         self._salt = usm.SaltCounter()
@@ -145,7 +146,6 @@ class SNMPService:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> list[str]:
-        loop = asyncio.get_running_loop()
         self._boots = self._bump_boots()
         out = []
         for handler, addrs in ((self.handle_datagram, self.settings.listen),
@@ -154,17 +154,15 @@ class SNMPService:
                 listener = _Listener(self, handler, host, port)
                 self._listeners.append(listener)
                 out.append(f"udp {_fmt(listener.endpoint.getsockname())}")
-        if self.settings.trap_receivers:
-            fam = 10 if any(":" in r.address[0] for r in self.settings.trap_receivers) else 2
-            tr, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, family=fam,
-                                                        local_addr=("::" if fam == 10 else "0.0.0.0", 0))
-            self._trap_transport = tr  # type: ignore[assignment]
         return out
 
     def bound_addresses(self) -> list[tuple[str, int]]:
         return [tuple(lst.endpoint.getsockname()[:2]) for lst in self._listeners]  # type: ignore[misc]
 
     async def reload(self, settings: Any, engine: Any) -> None:
+        if (settings.listen, settings.traps_listen) != (self.settings.listen, self.settings.traps_listen):
+            self.ctx.log.warning("snmp: listen/traps_listen changes take effect at the next restart; "
+                                 "still listening on the old addresses")
         self.settings = settings
         self.engine = engine
         self.ctx.settings = settings
@@ -190,8 +188,9 @@ class SNMPService:
         for p in self._peers.values():
             p.close()
         self._peers.clear()
-        if self._trap_transport is not None:
-            self._trap_transport.close()
+        for sock in self._trap_socks.values():
+            sock.close()
+        self._trap_socks.clear()
 
     def health(self) -> dict[str, Any]:
         return {"state": "ok" if self._listeners or not (self.settings.listen or self.settings.traps_listen)
@@ -646,9 +645,15 @@ class SNMPService:
         pdu = ber.PDU(ber.TRAP_V2, self._trap_ids, 0, 0, vbs).encode()
         data = usm.build_authpriv(keys, c.user.encode(), msg_id=self._trap_ids, boots=self._boots, etime=etime,
                                   salt=self._salt.next(), pdu_bytes=pdu, reportable=False)
-        if self._trap_transport is None:
-            raise OSError("no trap socket")
-        self._trap_transport.sendto(data, r.address)
+        fam = socket.AF_INET6 if ":" in r.address[0] else socket.AF_INET
+        sock = self._trap_socks.get(fam)
+        if sock is None:
+            sock = self._trap_socks[fam] = socket.socket(fam, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+        try:
+            sock.sendto(data, r.address)
+        except BlockingIOError:
+            raise OSError("trap socket buffer full") from None
 
 
 def _v2_trap_varbinds(pdu: ber.PDU | ber.TrapV1, src_ip: str) -> list[ber.VarBind]:

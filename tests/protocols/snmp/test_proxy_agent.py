@@ -312,3 +312,23 @@ async def test_trap_queue_is_bounded(make_proxy, tmp_path: Path) -> None:
     await asyncio.sleep(1.0)  # the one in flight times out: dropped and audited too
     assert run.service.counters["traps_dropped"] == 3
     assert "receiver timeout" in run.records(request__op="trap")[-1]["status"]
+
+
+async def test_reload_swaps_agents_and_policy(make_proxy, agent: SnmpAgent, tmp_path: Path) -> None:
+    from snmp_helpers import parse_settings, snmp_yaml, write_rules
+
+    from policy import load_policy
+    run = await make_proxy(agent=agent)
+    rc, out, err = await tool(tmp_path, "snmpget", "-v2c", "-c", "labcomm", "-On", "-r", "0", "-t", "2",
+                              run.address, SYS_NAME)
+    assert rc == 0, err
+    new_text = snmp_yaml(tmp_path, agent, run.port, run.trap_port).replace("community: labcomm", "community: newcomm")
+    new_engine = load_policy(write_rules(tmp_path, _only_system()), guests={"mon1"})
+    await run.service.reload(parse_settings(new_text, tmp_path), new_engine)
+    rc, out, err = await tool(tmp_path, "snmpget", "-v2c", "-c", "labcomm", "-On", "-r", "0", "-t", "1",
+                              run.address, SYS_NAME)
+    assert rc != 0 and "Timeout" in err  # the old community is gone
+    rc, out, err = await tool(tmp_path, "snmpget", "-v2c", "-c", "newcomm", "-On", "-r", "0", "-t", "2",
+                              run.address, IF_NUMBER)
+    assert rc != 0 and "authorizationError" in err  # the new policy applies
+    assert run.records(request__op="get")[-1]["rule"] == "default"
