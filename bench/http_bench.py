@@ -28,7 +28,7 @@ from tests.labs.proc import Daemon, free_port, wait_port  # noqa: E402
 from tests.labs.proxy import ProxyVM  # noqa: E402
 
 FRONT = "127.0.7.100"
-LAB = dict(main_ip="127.0.7.110", untrusted_ip="127.0.7.111", plain_ip="127.0.7.112")
+LAB = dict(main_ip="127.0.7.110", untrusted_ip="127.0.7.111", plain_ip="127.0.7.112", legacy_ip=None)
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:

@@ -7,7 +7,8 @@
   * a second nginx on untrusted_ip:443 whose certificate comes from a CA the proxy does not trust
     (names untrusted.lab.test and mismatch.lab.test for the name-mismatch case is on the main one);
   * a plain-HTTP-only nginx on plain_ip:80 and plain_ip:443 (no TLS anywhere), to prove that
-    nothing is ever sent to it in clear.
+    nothing is ever sent to it in clear;
+  * (legacy_ip, optional) an nginx offering only TLS 1.1 (legacy.lab.test), below the TLS 1.2 floor.
 Every access log line carries `$ssl_protocol $ssl_server_name` so a test can prove TLS and SNI.
 Stops everything by pid. Needs root (port 443) and the `nginx` binary. With `netns=NAME` every
 peer runs inside that (existing) network namespace; `run_in_netns(NAME, fn)` probes it from here.
@@ -86,6 +87,7 @@ class LabNames:
     untrusted: str = "untrusted.lab.test"
     plain: str = "plain.lab.test"
     mismatch: str = "mismatch.lab.test"  # resolves to the main nginx, whose cert does not name it
+    legacy: str = "legacy.lab.test"  # TLS 1.1 only: below the proxy's TLS 1.2 floor
 
 
 def _nginx_conf(prefix: Path, servers: str, workers: int = 1) -> str:
@@ -123,6 +125,7 @@ class NginxLab:
         main_ip: str = "127.0.7.10",
         untrusted_ip: str = "127.0.7.11",
         plain_ip: str = "127.0.7.12",
+        legacy_ip: str | None = "127.0.7.13",
         ws_port: int | None = None,
         workers: int = 1,
         names: LabNames = LabNames(),
@@ -130,6 +133,7 @@ class NginxLab:
     ) -> None:
         self.dir = Path(directory)
         self.main_ip, self.untrusted_ip, self.plain_ip = main_ip, untrusted_ip, plain_ip
+        self.legacy_ip = legacy_ip  # TLS 1.1 only (None: not started)
         self.netns = netns  # run every peer inside this network namespace (gateway/e2e labs)
         self.ws_port = ws_port or run_in_netns(netns, lambda: free_port(main_ip))
         self.workers = workers
@@ -152,6 +156,7 @@ class NginxLab:
             n.mismatch: self.main_ip,
             n.untrusted: self.untrusted_ip,
             n.plain: self.plain_ip,
+            **({n.legacy: self.legacy_ip} if self.legacy_ip else {}),
         }
 
     def log(self, which: str) -> str:
@@ -186,6 +191,7 @@ class NginxLab:
             f.write(os.urandom(10 * 1024 * 1024))
         main_cert, main_key = self.ca.issue([n.www, n.ws, self.main_ip], stem="main")
         rogue_cert, rogue_key = self.rogue_ca.issue([n.untrusted], stem="rogue")
+        legacy_cert, legacy_key = self.ca.issue([n.legacy], key="rsa", stem="legacy")
         try:
             ws = Daemon(
                 in_netns(self.netns, [sys.executable, "-m", "tests.labs.nginx_lab", "--ws-echo",
@@ -247,6 +253,20 @@ class NginxLab:
   }}""",
                 (self.plain_ip, 80),
             )
+            if self.legacy_ip:
+                self._start_nginx(
+                    "legacy",
+                    f"""
+  server {{
+    listen {self.legacy_ip}:443 ssl;
+    ssl_certificate {legacy_cert};
+    ssl_certificate_key {legacy_key};
+    ssl_protocols TLSv1.1;
+    ssl_ciphers DEFAULT@SECLEVEL=0;
+    location / {{ default_type text/plain; return 200 "legacy $ssl_protocol\\n"; }}
+  }}""",
+                    (self.legacy_ip, 443),
+                )
         except BaseException:
             self.stop()
             raise

@@ -34,7 +34,7 @@ rules:
     action: allow
     protocol: http
     guests: [web1]
-    match: {{host: [www.lab.test, untrusted.lab.test, plain.lab.test, mismatch.lab.test]}}
+    match: {{host: [www.lab.test, untrusted.lab.test, plain.lab.test, mismatch.lab.test, legacy.lab.test]}}
   - id: lab-ws
     action: allow
     protocol: ws

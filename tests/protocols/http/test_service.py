@@ -303,3 +303,47 @@ async def test_so_reuseport_workers_share_the_ports(make_service) -> None:
     await asyncio.sleep(0.3)
     codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(12)]
     assert codes == [403] * 12
+
+
+async def test_tls_below_1_2_refused(svc) -> None:
+    # the legacy peer really speaks TLS 1.1 (checked with openssl), yet the proxy will not
+    hello = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", "127.0.7.13:443", "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0",
+        "-servername", "legacy.lab.test", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await hello.communicate()
+    assert b"Protocol  : TLSv1.1" in out or b"TLSv1.1" in out
+    res = await curl(*proxy(svc), "http://legacy.lab.test/")
+    assert res.status == 502 and "upstream TLS handshake failed" in res.body, res
+    assert "legacy.lab.test" not in svc.lab.log("legacy")
+
+
+async def test_drain_finishes_in_flight_and_refuses_new(svc) -> None:
+    via = proxy(svc)
+    download = asyncio.create_task(curl(*via, "--limit-rate", "4M", "http://www.lab.test/files/10m.bin",
+                                        "-o", "/dev/null"))
+    await asyncio.sleep(0.5)
+    await svc.service.drain(10.0)
+    res = await download
+    assert res.status == 200 and res.rc == 0  # the in-flight body arrived whole
+    late = await curl(*via, "http://www.lab.test/echo")
+    assert late.status == 0  # nothing accepts any more
+    assert svc.records(status=200, request={"method": "GET", "host": "www.lab.test", "path": "/files/10m.bin",
+                                            "port": "80"})[-1]["bytes_out"] == 10 * 1024 * 1024
+
+
+async def test_reload_keeps_open_connections(svc, tmp_path) -> None:
+    from websockets.asyncio.client import connect
+
+    host, port = svc.addr("transparent")
+    async with connect("ws://ws.lab.test/ws", host=host, port=port, local_addr=(GUEST_IP, 0),
+                       compression=None) as conn:
+        await conn.send("before")
+        assert await conn.recv() == "before"
+        p = tmp_path / "strict.yaml"
+        p.write_text("default: deny\nrules: []\n")
+        await svc.service.reload(svc.settings, load_policy(p))
+        await conn.send("after")
+        assert await conn.recv() == "after"  # the established WebSocket survives the reload
+    assert (await curl(*proxy(svc), "http://www.lab.test/echo")).status == 403  # new requests: new policy

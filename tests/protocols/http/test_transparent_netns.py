@@ -62,7 +62,8 @@ table ip pvm_http {{
 @pytest.fixture(scope="module")
 def running(netns: str, tmp_path_factory: pytest.TempPathFactory):
     d: Path = tmp_path_factory.mktemp("netns-http")
-    lab = NginxLab(d / "lab", main_ip=ORIGIN, untrusted_ip="198.19.0.11", plain_ip="198.19.0.12", netns=netns)
+    lab = NginxLab(d / "lab", main_ip=ORIGIN, untrusted_ip="198.19.0.11", plain_ip="198.19.0.12", legacy_ip=None,
+                   netns=netns)
     for ip in ("198.19.0.11", "198.19.0.12"):
         sh("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "lo")
     lab.start()
