@@ -70,6 +70,7 @@ class Zone:
     tamper: str = ""  # badsig | nosig | noproof
     parent: str = TLD
     iterations: int = 0  # > 150: NSEC3 chain built and signed here (dnssec-signzone refuses more than 150)
+    salt: str = "-"
 
     @property
     def name(self) -> str:
@@ -83,6 +84,7 @@ ZONES: list[Zone] = [
     Zone("o3", nsec3=True, optout=True,
          extra=f"unsigned NS ns.unsigned\nns.unsigned A {GRAND_IP}"),
     Zone("iter", alg=15, nsec3=True, iterations=200),
+    Zone("salted", alg=14, nsec3=True, iterations=10, salt="aabbccdd"),
     Zone("unsigned", signed=False, ds="none"),
     Zone("unsigned", parent=f"o3.{TLD}", signed=False, ds="none"),
     Zone("badsig", tamper="badsig"),
@@ -128,6 +130,10 @@ CASES: list[Case] = [
     Case("unsigned-nsec", f"www.unsigned.{TLD}", "A", "insecure"),
     Case("unsigned-nsec-nxdomain", f"nx.unsigned.{TLD}", "A", "insecure"),
     Case("unsigned-nsec3-optout", f"www.unsigned.o3.{TLD}", "A", "insecure"),
+    Case("nsec3-optout-nxdomain", f"nx.o3.{TLD}", "A", "insecure"),
+    Case("nsec3-optout-nodata", f"www.o3.{TLD}", "MX", "secure"),
+    Case("nsec3-salted-nxdomain", f"nx.salted.{TLD}", "A", "secure"),
+    Case("nsec3-salted-nodata", f"www.salted.{TLD}", "MX", "secure"),
     Case("corrupted-rrsig", f"www.badsig.{TLD}", "A", "bogus", 6),
     Case("rrsig-missing", f"www.nosig.{TLD}", "A", "bogus", 10),
     Case("nxdomain-proof-removed", f"nx.noproof.{TLD}", "A", "bogus", 12),
@@ -183,7 +189,7 @@ class DNSSECLab:
         return _run([*argv, zone], self.dir / "keys").strip()
 
     def _sign(self, zone: str, path: Path, keys: list[str], *, nsec3: bool = False, optout: bool = False,
-              window: str = "now") -> Path:
+              window: str = "now", iterations: int = 0, salt: str = "-") -> Path:
         out = path.with_suffix(".signed")
         now = time.time()
         start, end = {"now": (now - 3600, now + 30 * 86400), "expired": (now - 20 * 86400, now - 10 * 86400),
@@ -195,7 +201,7 @@ class DNSSECLab:
         if len(keys) == 1:
             argv.append("-z")  # one combined signing key signs everything
         if nsec3:
-            argv += ["-3", "-", "-H", "0"] + (["-A"] if optout else [])
+            argv += ["-3", salt, "-H", str(iterations)] + (["-A"] if optout else [])
         with path.open("a") as f:
             for k in keys:
                 f.write(f"$INCLUDE {self.dir / 'keys' / k}.key\n")
@@ -283,7 +289,8 @@ class DNSSECLab:
             if z.signed and z.iterations > 150:
                 out = self._sign_nsec3_high(z, path, keys[z.name])
             elif z.signed:
-                out = self._sign(z.name, path, [keys[z.name]], nsec3=z.nsec3, optout=z.optout, window=z.window)
+                out = self._sign(z.name, path, [keys[z.name]], nsec3=z.nsec3, optout=z.optout, window=z.window,
+                                 iterations=z.iterations, salt=z.salt)
             if z.signed:
                 self._tamper(out, z)
                 signed_files[z.name] = out
