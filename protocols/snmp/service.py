@@ -688,12 +688,24 @@ def _v2_trap_varbinds(pdu: ber.PDU | ber.TrapV1, src_ip: str) -> list[ber.VarBin
 
 def _record(decision: Decision, guest: str, src: str, request: dict[str, Any], upstream: dict[str, Any] | None,
             **extra: Any) -> dict[str, Any]:
-    rec: dict[str, Any] = {"guest": guest, "src": src, "protocol": "snmp"}
+    rec: dict[str, Any] = {"ts": _ts(), "guest": guest, "src": src, "protocol": "snmp"}
     rec.update(decision.audit_fields())
     rec["request"] = request
     rec["upstream"] = upstream
     rec.update(extra)
     return rec
+
+
+_ts_second = [-1, ""]
+
+
+def _ts() -> str:
+    """The audit timestamp (RFC 3339, UTC, milliseconds), formatting the seconds once per second."""
+    now = time.time()
+    sec = int(now)
+    if sec != _ts_second[0]:
+        _ts_second[0], _ts_second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_ts_second[1]}.{int((now - sec) * 1000):03d}Z"
 
 
 def _fmt(addr: Any) -> str:

@@ -129,6 +129,19 @@ def verify(keys: LocalKeys, msg: ber.V3Message, whole: bytes) -> bool:
 def encrypt(keys: LocalKeys, boots: int, etime: int, salt: bytes, plain: bytes) -> bytes:
     """RFC 3826 §3.1.3: AES-CFB128, IV = boots || time || salt."""
     iv = boots.to_bytes(4, "big") + etime.to_bytes(4, "big") + salt
+    n = len(plain)
+    if n <= 64:
+        # Short PDUs (most GETs): CFB block by block with the key's ECB encryptor is cheaper than
+        # setting up a CFB context (a key schedule per message).
+        out = []
+        prev = iv
+        ecb = keys.ecb
+        for i in range(0, n, 16):
+            chunk = plain[i : i + 16]
+            k = len(chunk)
+            prev = (int.from_bytes(chunk, "big") ^ int.from_bytes(ecb.update(prev)[:k], "big")).to_bytes(k, "big")
+            out.append(prev)
+        return b"".join(out)
     enc = Cipher(keys.aes, modes.CFB(iv)).encryptor()
     return enc.update(plain) + enc.finalize()
 

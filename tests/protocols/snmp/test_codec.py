@@ -112,3 +112,15 @@ def test_round_trip_property(vbs: list, rid: int) -> None:
     wire = ber.CommunityMessage(ber.V1, b"c", pdu).encode()
     back = ber.decode_community(wire)
     assert back.pdu == pdu and back.encode() == wire
+
+
+def test_aes_cfb_fast_paths_match_openssl_cfb() -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    keys = usm.localize("SHA-256", "authpassword", "AES-256", "privpassword", b"\x80\x00\x1f\x88\x80abcdefgh")
+    salt = b"\x00\x01\x02\x03\x04\x05\x06\x07"
+    iv = (7).to_bytes(4, "big") + (123456).to_bytes(4, "big") + salt
+    for n in range(0, 130):
+        plain = bytes(range(n))
+        ref = Cipher(algorithms.AES(keys.priv_key), modes.CFB(iv)).encryptor().update(plain)
+        assert usm.encrypt(keys, 7, 123456, salt, plain) == ref, n
+        assert usm.decrypt(keys, 7, 123456, salt, ref) == plain, n
