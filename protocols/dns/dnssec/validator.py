@@ -58,6 +58,9 @@ MAX_CHAIN = 12  # CNAME/DNAME links followed in one answer
 # Zone cuts probed (DS fetches) by one walk: the walk for unsigned data goes label by label, and a guest
 # chooses how many labels a name has; real delegation paths are far shorter.
 MAX_WALK_CUTS = 16
+# A signature by a key we do not hold may mean the zone rolled its keys since we cached them: refetch
+# the DNSKEY RRset, at most once per zone per this many seconds (so forged key tags cannot hammer it).
+KEY_REFRESH_AFTER = 5.0
 _FOREVER = 2**31
 
 
@@ -75,6 +78,7 @@ class ZoneKeys:
     expires: float = 0.0
     reason: str = ""
     ede: int | None = None
+    fetched: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,9 @@ class _TTLCache:
         self._d.move_to_end(key)
         while len(self._d) > self._size:
             self._d.popitem(last=False)
+
+    def drop(self, key: Any) -> None:
+        self._d.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._d)
@@ -312,7 +319,9 @@ class Validator:
         zk = await self._signed_zone(signer, rrset.name, now)
         if isinstance(zk, ValidationResult):
             return zk
-        v = crypto.verify_rrset(rrset, sigs, signer, zk.keys, now, self._keycache)
+        v, zk = await self._verify(rrset, sigs, signer, zk, now)
+        if isinstance(v, ValidationResult):
+            return v
         if isinstance(v, crypto.VerifyFailure):
             return bogus(f"{tname}: {v.reason}", v.ede)
         acc.add(v, now)
@@ -363,6 +372,21 @@ class Validator:
             return proof
         out = proof.nxdomain(sname) if nxdomain else proof.nodata(sname, rdtype)
         return self._denial_result(out, acc)
+
+    async def _verify(self, rrset, sigs, signer, zk: ZoneKeys, now: float):
+        """verify_rrset, refetching the signer's keys once when the RRSIG names a key we do not hold
+        (a key rollover since we cached them). Returns (Verified | VerifyFailure | final result, keys)."""
+        v = crypto.verify_rrset(rrset, sigs, signer, zk.keys, now, self._keycache)
+        if (isinstance(v, crypto.VerifyFailure) and v.ede == EDE.DNSKEY_MISSING
+                and now - zk.fetched >= KEY_REFRESH_AFTER):
+            self._zones.drop(signer)
+            self._walks.drop(signer)
+            fresh = await self._signed_zone(signer, rrset.name, now)
+            if isinstance(fresh, ValidationResult):
+                return fresh, zk
+            zk = fresh
+            v = crypto.verify_rrset(rrset, sigs, signer, zk.keys, now, self._keycache)
+        return v, zk
 
     def _denial_result(self, out: DenialOutcome, acc: _Acc) -> ValidationResult | None:
         if out.status == Denial.SECURE:
@@ -556,4 +580,4 @@ class Validator:
         if cut is not None:
             until = min(until, cut.expires)
         return ZoneKeys(zone, Status.SECURE, keys=crypto.KeySet(rrset), expires=until,
-                        reason=f"{zone} keys validated")
+                        reason=f"{zone} keys validated", fetched=now)

@@ -358,3 +358,34 @@ stray.example. 300 IN TXT "x"
 """)
     s = scrub(N("www.dn.example."), T("A"), m)
     assert [dns.rdatatype.to_text(r.rdtype) for r in s.answer] == ["DNAME", "CNAME", "A"]
+
+
+async def test_key_rollover_refetches_the_dnskey_set_once():
+    old = SignedZone("example.")
+    new = SignedZone("example.")
+    # the anchor is the old KSK; after the roll the DNSKEY set holds both keys, signed by the old one
+    both = dns.rrset.RRset(old.origin, IN, T("DNSKEY"))
+    both.add(old.dnskey, 300)
+    both.add(new.dnskey, 300)
+    rolled = response(old.origin, "DNSKEY")
+    rolled.answer += [both, old.sign(both)]
+    fetch = Fetch({("example.", "DNSKEY"): old.dnskey_answer()})
+    clock = [NOW]
+    v = Validator(old.anchors(), fetch, clock=lambda: clock[0])
+    a = old.rrset("www", "A", "192.0.2.1")
+    m_old = response("www.example.", "A")
+    m_old.answer += [a, old.sign(a)]
+    assert (await v.validate(N("www.example."), T("A"), m_old)).status == Status.SECURE
+    fetch.answers[("example.", "DNSKEY")] = rolled
+    m_new = response("x.example.", "A")
+    b = new.rrset("x", "A", "192.0.2.2")
+    m_new.answer += [b, new.sign(b)]
+    clock[0] += 2  # too soon: no refetch, the unknown key tag is bogus (EDE 9)
+    r = await v.validate(N("x.example."), T("A"), m_new)
+    assert (r.status, r.ede) == (Status.BOGUS, EDE.DNSKEY_MISSING)
+    clock[0] += 10
+    m_y = response("y.example.", "A")
+    c = new.rrset("y", "A", "192.0.2.3")
+    m_y.answer += [c, new.sign(c)]
+    assert (await v.validate(N("y.example."), T("A"), m_y)).status == Status.SECURE
+    assert fetch.calls.count(("example.", "DNSKEY")) == 2
