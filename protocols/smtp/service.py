@@ -44,6 +44,8 @@ _DEFAULT_ENH = {
     550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
 }
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r\n(?![ \t])", re.IGNORECASE | re.MULTILINE | re.DOTALL)
+_UNSTUFF = re.compile(rb"^\.", re.MULTILINE)
+_LONG_LINE = re.compile(rb"[^\r\n]{1000}")  # 998 octets + a transparency dot is the most a line may hold
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -122,6 +124,8 @@ class GuestSMTP(AioSMTP):
         self._plain_reply = False  # True while answering HELO/EHLO
         self._greeted = False
         self._continued: list[str] = []
+        self._in_data = False
+        self._last_rx = 0.0
 
     def _construct(self, handler: GuestHandler, settings: SMTPSettings, **kw: Any) -> None:
         super().__init__(
@@ -196,15 +200,60 @@ class GuestSMTP(AioSMTP):
                 status = f"{status[:4]}{enh} {rest}"
         await super().push(status)
 
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        super().data_received(data)
+
     def _timeout_cb(self) -> None:
+        if self._in_data:
+            idle = self.loop.time() - self._last_rx
+            if idle < self.settings.timeouts.data:  # data still flowing: the data-block timer restarts
+                self._reset_timeout(self.settings.timeouts.data - idle)
+                return
         with contextlib.suppress(Exception):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(b"421 4.4.2 " + self.hostname.encode() + b" Error: timeout exceeded\r\n")
-        super()._timeout_cb()
+        AioSMTP._timeout_cb(self)
+
+    async def _read_data(self) -> tuple[bytes, bool] | None:
+        """Read DATA up to CRLF.CRLF in large chunks (bytes after it go back to the reader for
+        pipelined commands). Returns (dot-stuffed body ending in CRLF or empty, too_big), or None
+        when the guest went away."""
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        cap = limit + 4096 if limit else 0
+        buf = bytearray()
+        too_big = False
+        head_checked = False
+        while True:
+            prev = len(buf)
+            chunk = await reader.read(65536)
+            if not chunk:
+                return None
+            buf += chunk
+            end = term = -1
+            if not head_checked and len(buf) >= 3:
+                head_checked = True
+                if buf[:3] == b".\r\n":  # an empty message
+                    end, term = 0, 3
+            if end < 0:
+                idx = buf.find(b"\r\n.\r\n", max(0, prev - 4))
+                if idx >= 0:
+                    end, term = idx + 2, idx + 5
+            if end >= 0:
+                if term < len(buf):  # pipelined commands after the final dot
+                    reader._buffer[:0] = buf[term:]  # noqa: SLF001 - aiosmtpd touches it too
+                del buf[end:]
+                return bytes(buf), too_big
+            if cap and len(buf) > cap:
+                too_big = True  # keep only what could start the terminator
+                del buf[:-4]
+                head_checked = True
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        """RFC 5321 §4.1.1.4 DATA, reading until CRLF.CRLF with: the data-block timeout re-armed per
-        line, bare CR/LF and NUL refused (SMTP smuggling), line length and size limits."""
+        """RFC 5321 §4.1.1.4 DATA: read to CRLF.CRLF with the data-block timeout, then refuse bare
+        CR/LF and NUL (SMTP smuggling), over-long lines and oversize messages before anything is
+        stored."""
         if await self.check_helo_needed():
             return
         env = self.envelope
@@ -216,54 +265,38 @@ class GuestSMTP(AioSMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        limit = self.data_size_limit or 0
-        data = bytearray()
-        size = 0
-        problem = ""
-        at_start = True
-        reader = self._reader
-        loop = asyncio.get_running_loop()
-        data_timeout = self.settings.timeouts.data
-        armed = 0.0
-        while True:
-            now = loop.time()
-            if now - armed > 0.5:  # re-arm the data-block timer at most twice a second, not per line
-                self._reset_timeout(data_timeout)
-                armed = now
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as e:
-                line = await reader.read(e.consumed)
-                problem = problem or "500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6: 1000 octets)"
-                data.clear()
-                at_start = False
-                size += len(line)
-                continue
-            except asyncio.IncompleteReadError:
-                return  # the guest went away mid-DATA: nothing stored, nothing acknowledged
-            if at_start and line == b".\r\n":
-                break
-            at_start = True
-            size += len(line)
-            if problem:
-                continue
-            body = line[:-2]
-            if b"\r" in body or b"\n" in body:
-                problem = "554 5.6.0 Error: bare CR or LF in message (RFC 5321 2.3.8)"
-            elif b"\x00" in body:
-                problem = "554 5.6.0 Error: NUL byte in message"
-            elif limit and size > limit:
-                problem = f"552 5.3.4 Error: message exceeds the size limit of {limit} bytes"
-            if problem:
-                data.clear()
-                continue
-            data += line[1:] if line.startswith(b".") else line
+        self._in_data = True
+        self._last_rx = self.loop.time()
+        self._reset_timeout(self.settings.timeouts.data)
+        # StreamReader pauses the socket whenever it buffers 2x its limit (1001, for command lines):
+        # for bulk data that is a pause/resume syscall pair every 2 KB. Widen it while in DATA.
+        saved_limit = self._reader._limit  # noqa: SLF001
+        self._reader._limit = 65536  # noqa: SLF001
+        try:
+            got = await self._read_data()
+        finally:
+            self._in_data = False
+            self._reader._limit = saved_limit  # noqa: SLF001
+        if got is None:
+            return  # the guest went away mid-DATA: nothing stored, nothing acknowledged
         self._reset_timeout()
+        stuffed, too_big = got
+        limit = self.data_size_limit or 0
+        body = _UNSTUFF.sub(b"", stuffed) if b"\n." in stuffed or stuffed.startswith(b".") else stuffed
+        problem = ""
+        if too_big or (limit and len(body) > limit):
+            problem = f"552 5.3.4 Error: message exceeds the size limit of {limit} bytes"
+        elif _LONG_LINE.search(stuffed):
+            problem = "500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6: 1000 octets)"
+        elif stuffed.count(b"\r") != stuffed.count(b"\r\n") or stuffed.count(b"\n") != stuffed.count(b"\r\n"):
+            problem = "554 5.6.0 Error: bare CR or LF in message (RFC 5321 2.3.8)"
+        elif b"\x00" in stuffed:
+            problem = "554 5.6.0 Error: NUL byte in message"
         if problem:
             self._set_post_data_state()
             await self.push(problem)
             return
-        env.original_content = env.content = bytes(data)
+        env.original_content = env.content = body
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)

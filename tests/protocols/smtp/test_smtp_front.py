@@ -353,3 +353,26 @@ async def test_spool_full_is_452_431_nothing_acknowledged(tmp_path, start_servic
     rc, out = await swaks(run.server, "--from", "a@example.com", "--to", "b@example.org")
     assert rc == 0 and "queued as" in out, out
     await run.service.drain(1.0)
+
+
+async def test_pipelined_commands_after_final_dot_and_empty_message(tmp_path, start_service):
+    run = await start_service(settings(tmp_path))
+    r, w, _ = await ehlo(run)
+    w.write(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    await w.drain()
+    assert (await read_reply(r)).startswith("250")
+    assert (await read_reply(r)).startswith("250")
+    assert (await read_reply(r)).startswith("354")
+    # the message, the final dot and the next transaction in one segment (RFC 2920)
+    w.write(b"Subject: one\r\n\r\n..dot\r\n.\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.org>\r\n"
+            b"DATA\r\n")
+    await w.drain()
+    assert (await read_reply(r)).startswith("250 2.0.0 Ok: queued")
+    assert (await read_reply(r)).startswith("250")
+    assert (await read_reply(r)).startswith("250")
+    assert (await read_reply(r)).startswith("354")
+    assert (await chat(r, w, b".\r\n")).startswith("250 2.0.0 Ok: queued")  # an empty message
+    assert (await chat(r, w, b"QUIT\r\n")).startswith("221")
+    w.close()
+    bodies = sorted(run.service.spool.message(i).split(b"\r\n\r\n", 1)[-1] for i in run.spool_ids())
+    assert len(bodies) == 2 and b".dot\r\n" in bodies and not any(b"..dot" in x for x in bodies)
