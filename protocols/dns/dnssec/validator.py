@@ -362,8 +362,9 @@ class Validator:
             return zk
         soa = _find(msg.authority, signer, SOA)
         if soa is not None:
-            v = crypto.verify_rrset(soa, _find(msg.authority, signer, RRSIG, SOA), signer, zk.keys, now,
-                                    self._keycache)
+            v, zk = await self._verify(soa, _find(msg.authority, signer, RRSIG, SOA), signer, zk, now)
+            if isinstance(v, ValidationResult):
+                return v
             if isinstance(v, crypto.VerifyFailure):
                 return bogus(f"{signer} SOA: {v.reason}", v.ede)
             acc.add(v, now)
