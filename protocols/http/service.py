@@ -181,6 +181,12 @@ class HTTPService:
                 for sock in socks:
                     sock.close()
             raise
+        # what is really bound (port 0 in tests) is what the loop check must know
+        self._listen_addrs.clear()
+        for _, srv in self._servers:
+            for sock in srv.sockets:
+                name = sock.getsockname()
+                self._listen_addrs.add((str(name[0]), int(name[1])))
         self._accepting = True
         return out
 

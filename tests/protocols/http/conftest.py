@@ -21,7 +21,6 @@ from protocols.base import MemoryAudit, ServiceContext, StaticGuests
 from protocols.http.service import HTTPService
 from protocols.http.settings import HTTPSettings, LimitSettings, TimeoutSettings
 from tests.labs import nginx_lab
-from tests.labs.proc import free_port
 
 PROXY_IP = "127.0.7.1"
 GUEST_IP = "127.0.7.2"  # curl binds here (--interface) so the guest is a named one
@@ -91,9 +90,9 @@ async def make_service(lab: nginx_lab.NginxLab, tmp_path: Path) -> AsyncIterator
         rules_path.write_text(rules if rules is not None else LAB_RULES.format(mode=mode))
         engine = load_policy(rules_path, guests={"web1"})
         base = HTTPSettings(
-            listen=((PROXY_IP, free_port(PROXY_IP)),),
-            proxy_listen=((PROXY_IP, free_port(PROXY_IP)),),
-            passthrough_listen=((PROXY_IP, free_port(PROXY_IP)),),
+            listen=((PROXY_IP, 0),),  # port 0: the kernel picks, no race with other tests
+            proxy_listen=((PROXY_IP, 0),),
+            passthrough_listen=((PROXY_IP, 0),),
             ca_file=lab.ca_pem,
             hosts=tuple((k, (v,)) for k, v in lab.hosts().items()),
             limits=LimitSettings(),
