@@ -46,6 +46,18 @@ def dnsperf(ip: str, port: int, datafile: Path, *, seconds: float, once: bool = 
     return subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: a cost per query that the machine's other load does not
+    distort the way wall-clock qps is distorted."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def queries_of(out: str) -> int:
+    m = re.search(r"Queries completed:\s+(\d+)", out)
+    return int(m.group(1)) if m else 0
+
+
 def qps_of(out: str) -> tuple[float, float, int]:
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
     lost = re.search(r"Queries lost:\s+(\d+)", out)
@@ -160,22 +172,32 @@ def main() -> int:
     load_before = os.getloadavg()
     try:
         endpoints = {}
+        pids: dict[str, int] = {}
         for name in args.only.split(","):
             daemon, ip, port = systems[name](d, ca.ca_pem, up_ip)
             running.append(daemon)
             endpoints[name] = (ip, port)
+            pids[name] = daemon.pid
         time.sleep(0.3)
         for ip, port in endpoints.values():
             dnsperf(ip, port, hit_file, seconds=2)  # warm the cache and the upstream connection
-        raw: dict[str, dict[str, list]] = {n: {"hit": [], "miss": [], "hit_lat": [], "miss_lat": []} for n in endpoints}
+        raw: dict[str, dict[str, list]] = {
+            n: {"hit": [], "miss": [], "hit_lat": [], "miss_lat": [], "hit_cpu": [], "miss_cpu": []} for n in endpoints
+        }
         # Rounds interleave the systems, so load from anything else on the machine hits all alike.
         for run in range(args.runs):
             for name, (ip, port) in endpoints.items():
                 r = raw[name]
-                r["hit"].append(qps_of(dnsperf(ip, port, hit_file, seconds=args.seconds)))
+                c0 = cpu_seconds(pids[name])
+                out = dnsperf(ip, port, hit_file, seconds=args.seconds)
+                r["hit_cpu"].append((cpu_seconds(pids[name]) - c0) * 1e6 / max(1, queries_of(out)))
+                r["hit"].append(qps_of(out))
                 miss_file = d / f"miss-{name}-{run}.txt"
                 miss_file.write_text("".join(f"m{run}-{name}-{os.getpid()}-{i}.wild.test A\n" for i in range(400_000)))
-                r["miss"].append(qps_of(dnsperf(ip, port, miss_file, seconds=args.seconds, once=True)))
+                c0 = cpu_seconds(pids[name])
+                out = dnsperf(ip, port, miss_file, seconds=args.seconds, once=True)
+                r["miss_cpu"].append((cpu_seconds(pids[name]) - c0) * 1e6 / max(1, queries_of(out)))
+                r["miss"].append(qps_of(out))
                 lat = latencies(dnsperf(ip, port, hit_file, seconds=4, qps=args.latency_rate, verbose=True, clients=1))
                 r["hit_lat"].append((pct(lat, 0.5), pct(lat, 0.99)))
                 lat_file = d / f"lat-{name}-{run}.txt"
@@ -189,6 +211,8 @@ def main() -> int:
             results[name] = {
                 "hit_qps": statistics.median(h[0] for h in r["hit"]),
                 "miss_qps": statistics.median(m[0] for m in r["miss"]),
+                "hit_cpu": statistics.median(r["hit_cpu"]),
+                "miss_cpu": statistics.median(r["miss_cpu"]),
                 "hit_p50": statistics.median(x[0] for x in r["hit_lat"]),
                 "hit_p99": statistics.median(x[1] for x in r["hit_lat"]),
                 "miss_p50": statistics.median(x[0] for x in r["miss_lat"]),
@@ -201,16 +225,19 @@ def main() -> int:
     print(f"\nDNS benchmark, median of {args.runs} interleaved rounds ({args.seconds:g} s each), dnsperf -c 4 -q 200, "
           f"{os.cpu_count()} CPUs, loopback, one shared Unbound DoT upstream; load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
-    print(f"| {'system':<10} | {'hit qps':>9} | {'miss qps':>9} | {'hit p50/p99 ms @rate':>19} | "
-          f"{'miss p50/p99 ms @rate':>20} |")
-    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 21}|{'-' * 22}|")
+    rate = args.latency_rate
+    print(f"| {'system':<10} | {'hit qps':>9} | {'miss qps':>9} | {'hit CPU us/q':>12} | {'miss CPU us/q':>13} | "
+          f"{f'hit p50/p99 ms @{rate}':>21} | {f'miss p50/p99 ms @{rate}':>22} |")
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|{'-' * 15}|{'-' * 23}|{'-' * 24}|")
     for name, r in results.items():
-        print(f"| {name:<10} | {r['hit_qps']:>9.0f} | {r['miss_qps']:>9.0f} | "
-              f"{r['hit_p50']:>8.3f} / {r['hit_p99']:>7.3f} | {r['miss_p50']:>8.3f} / {r['miss_p99']:>8.3f} |")
+        print(f"| {name:<10} | {r['hit_qps']:>9.0f} | {r['miss_qps']:>9.0f} | {r['hit_cpu']:>12.1f} | "
+              f"{r['miss_cpu']:>13.1f} | {r['hit_p50']:>9.3f} / {r['hit_p99']:>9.3f} | "
+              f"{r['miss_p50']:>9.3f} / {r['miss_p99']:>10.3f} |")
     if "proxyvm" in results and "unbound" in results:
         p, u = results["proxyvm"], results["unbound"]
         print(f"\nproxyvm / unbound: cache-hit {p['hit_qps'] / u['hit_qps']:.2f}x (goal >= 0.8), "
-              f"cache-miss {p['miss_qps'] / u['miss_qps']:.2f}x (goal >= 1.0)")
+              f"cache-miss {p['miss_qps'] / u['miss_qps']:.2f}x (goal >= 1.0); CPU per query "
+              f"{p['hit_cpu'] / u['hit_cpu']:.1f}x (hits), {p['miss_cpu'] / u['miss_cpu']:.1f}x (misses)")
     if "proxyvm" in results and "stubby" in results:
         p, s = results["proxyvm"], results["stubby"]
         print(f"proxyvm / stubby:  cache-hit {p['hit_qps'] / s['hit_qps']:.2f}x, "

@@ -465,7 +465,7 @@ class DNSService:
         self, data: bytes, q: wire.Query, entry: CacheEntry, d: Decision, guest: str, src: tuple[Any, ...],
         t0: float, send: Send, tcp: bool, how: str, stale: bool = False,
     ) -> None:
-        if entry.answer_ips:
+        if entry.private_ips or (self._answer_ip and entry.answer_ips):
             blocked = self._check_answer(entry, guest, entry.qname, entry.qtype)
             if blocked is not None:
                 bd, text = blocked

@@ -62,6 +62,7 @@ class LimitSettings:
     inflight: int = 256  # concurrent upstream-bound queries per guest
     tcp_connections: int = 32  # open TCP connections per guest
     tcp_pipeline: int = 64  # queries outstanding on one TCP connection
+    upstream_connections: int = 4  # TLS connections per upstream (not per guest), opened on demand
 
 
 DEFAULT_UPSTREAMS = (

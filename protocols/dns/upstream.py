@@ -29,6 +29,7 @@ from protocols.dns.settings import DNSSettings, UpstreamSettings
 
 _U16 = struct.Struct("!H")
 MAX_PENDING = 4096  # queries outstanding on one connection
+_SPREAD = 8  # open another connection when the least busy one has this many queries outstanding
 
 
 class UpstreamFailure(Exception):
@@ -249,7 +250,8 @@ class Upstream:
         self.ctx = make_tls_context(str(settings.ca_file) if settings.ca_file else None)
         self.connect_timeout = settings.timeouts.connect
         self.idle_timeout = settings.timeouts.upstream_idle
-        self.conn: _Connection | None = None
+        self.conns: list[_Connection] = []
+        self.max_conns = settings.limits.upstream_connections
         self._connecting: asyncio.Future[_Connection] | None = None
         self.up = True
         self.down_since = 0.0
@@ -302,38 +304,54 @@ class Upstream:
         self.resumptions += conn.resumed
         return conn
 
+    @property
+    def conn(self) -> _Connection | None:
+        """The least busy live connection (None when there is none)."""
+        best = None
+        for c in self.conns:
+            if not c.closed and (best is None or len(c.pending) < len(best.pending)):
+                best = c
+        return best
+
     async def connection(self) -> _Connection:
-        """The live connection, or a new one. The handshake runs as its own task so that one
+        """A live connection, or a new one. The handshake runs as its own task so that one
         guest giving up does not cancel it for the others waiting on it."""
         c = self.conn
-        if c is not None and not c.closed:
+        if c is not None:
             return c
+        return await asyncio.shield(self._open())
+
+    def _open(self) -> asyncio.Task[_Connection]:
         task = self._connecting
         if task is None:
             task = asyncio.get_running_loop().create_task(self._connect())
             self._connecting = task
             task.add_done_callback(self._connected)
-        return await asyncio.shield(task)
+        return task
 
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
         self._connecting = None
         if not task.cancelled() and task.exception() is None:
-            self.conn = task.result()
+            self.conns.append(task.result())
 
     def connection_lost(self, conn: _Connection) -> None:
-        if self.conn is conn:
-            self.conn = None
+        if conn in self.conns:
+            self.conns.remove(conn)
 
     async def query(self, query: bytearray, question: bytes, budget: float) -> UpstreamAnswer:
         """One attempt within `budget` seconds. On the common path (a live connection) no task is
-        created: the answer future itself is awaited with a timeout."""
+        created: the answer future itself is awaited with a timeout. When every connection is
+        busy, another is opened in the background (up to `limits.upstream_connections`): one
+        server may work through one connection's queries only a few at a time."""
         t0 = time.monotonic()
         conn = self.conn
-        if conn is None or conn.closed:
+        if conn is None:
             conn = await asyncio.wait_for(self.connection(), budget)
             budget -= time.monotonic() - t0
             if budget <= 0:
                 raise TimeoutError
+        elif len(conn.pending) >= _SPREAD and len(self.conns) < self.max_conns and self._connecting is None:
+            self._open()
         qid, fut = conn.send(query, question)
         try:
             frame = await asyncio.wait_for(fut, budget)
@@ -345,14 +363,16 @@ class Upstream:
         return UpstreamAnswer(frame, self.address, self.s.name, conn.tls, conn.resumed)
 
     def close(self) -> None:
-        if self.conn is not None and self.conn.transport is not None:
-            self.conn.transport.close()
-        self.conn = None
+        for c in self.conns:
+            if c.transport is not None:
+                c.transport.close()
+        self.conns.clear()
 
     def health(self) -> dict[str, Any]:
         return {
             "address": self.address, "name": self.s.name, "state": "up" if self.up else "down",
-            "srtt_ms": round(self.srtt * 1000, 2), "tls": self.tls, "connects": self.connects,
+            "srtt_ms": round(self.srtt * 1000, 2), "tls": self.tls, "connections": len(self.conns),
+            "connects": self.connects,
             "resumptions": self.resumptions, "answers": self.answers, "failures": self.failures,
             "last_error": self.last_error,
         }

@@ -128,9 +128,15 @@ def _skip_name(data: bytes, i: int) -> int:
             raise FormErr("too many labels")
 
 
+_QTC = struct.Struct("!HH")
+_BITS = tuple(bytes((i,)) for i in range(8))
+
+
 def parse_query(data: bytes) -> Query:
     """Read a guest query. Raises Malformed (drop) or FormErr (answer FORMERR)."""
-    qid, b2, b3, qd, an, ns, ar = read_header(data)
+    if len(data) < 12:
+        raise Malformed("shorter than a DNS header")
+    qid, b2, b3, qd, an, ns, ar = _HDR.unpack_from(data, 0)
     q = Query()
     q.id, q.b2, q.b3, q.qdcount = qid, b2, b3, qd
     q.opcode = (b2 >> 3) & 0x0F
@@ -157,7 +163,7 @@ def parse_query(data: bytes) -> Query:
     if i + 4 > n:
         raise FormErr("question type/class missing")
     q.qname = data[12:i]
-    q.qtype, q.qclass = struct.unpack_from("!HH", data, i)
+    q.qtype, q.qclass = _QTC.unpack_from(data, i)
     q.qend = i + 4
     q.edns, q.udp_size, q.do, q.badvers = False, 512, False, False
     j = q.qend
@@ -181,7 +187,7 @@ def parse_query(data: bytes) -> Query:
             if j > n:
                 raise FormErr("record data runs past the end")
     bits = (KEY_EDNS if q.edns else 0) | (KEY_DO if q.do else 0) | (KEY_CD if b3 & CD else 0)
-    q.key = q.qname.lower() + data[i : i + 4] + bytes((bits,))
+    q.key = q.qname.lower() + data[i : i + 4] + _BITS[bits]
     return q
 
 

@@ -196,3 +196,17 @@ async def test_serve_stale_when_upstreams_fail(make_proxy, lab_dir: Path, lab_ca
     # without serve_stale the same situation is SERVFAIL
     r = await dig(PROXY_IP, p.port, "www.lab.test", "A")
     assert r.status == "SERVFAIL"
+
+
+async def test_busy_upstream_gets_more_connections(make_proxy, upstream1) -> None:
+    p = await make_proxy(up_yaml(upstream1), "limits: {upstream_connections: 3}")
+    await dig(PROXY_IP, p.port, "www.lab.test", "A")
+    base = time.time_ns()
+    rs = await asyncio.gather(*(
+        dns.asyncquery.udp(dns.message.make_query(f"busy{base}-{i}.wild.test", "A"), p.ip, port=p.port, timeout=8)
+        for i in range(150)
+    ))
+    assert all(r.rcode() == 0 for r in rs)
+    up = p.svc.fw.pool.upstreams[0]
+    assert 2 <= up.connects <= 3 and len(up.conns) <= 3
+    assert up.resumptions >= 1  # the extra connections resumed the first one's TLS session
