@@ -8,6 +8,7 @@ Must not: open sockets, derive keys, or put a password in any message or repr.
 
 from __future__ import annotations
 
+import ipaddress
 import pathlib
 from dataclasses import dataclass, field
 
@@ -97,6 +98,18 @@ class SNMPSettings:
 _CRED_KEYS = {"user", "auth", "priv"}
 
 
+def _ip_hostport(node: Node, default_port: int, what: str) -> tuple[str, int]:
+    """An outside address must be an IP literal: a name would be resolved by the host's plain
+    resolver, in cleartext, and block the event loop."""
+    host, port = node.hostport(default_port=default_port, what=what)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise node.fail(f"{what} {host!r} is not an IP address",
+                        "write an IP address; names are not resolved for SNMP") from None
+    return host, port
+
+
 def _protocol_block(node: Node, kind: str) -> tuple[str, Secret]:
     m = node.get_map(allowed={"protocol", "password_file"}, required={"protocol", "password_file"}, what=kind)
     if kind == "auth":
@@ -122,8 +135,7 @@ def _credentials(m: dict[str, Node], what: str) -> Credentials:
 def _addresses(node: Node, default_port: int) -> tuple[tuple[str, int], ...]:
     out = []
     for n in node.get_list(what="addresses", allow_scalar=True):
-        host, port = n.hostport(default_port=default_port)
-        out.append((host, port))
+        out.append(_ip_hostport(n, default_port, "listen address"))
     return tuple(out)
 
 
@@ -168,7 +180,7 @@ def parse(node: Node, base: pathlib.Path | None = None) -> SNMPSettings:
                 seen_comm[community] = m["community"]
             agents[name] = Agent(
                 name=name,
-                address=m["address"].hostport(default_port=161),
+                address=_ip_hostport(m["address"], 161, "agent address"),
                 credentials=_credentials(m, f"agent {name}"),
                 community=community,
                 timeout=m["timeout"].duration("timeout") if "timeout" in m else timeout,
@@ -191,7 +203,7 @@ def parse(node: Node, base: pathlib.Path | None = None) -> SNMPSettings:
             )
             receivers.append(
                 TrapReceiver(
-                    address=m["address"].hostport(default_port=162),
+                    address=_ip_hostport(m["address"], 162, "trap receiver address"),
                     credentials=_credentials(m, "trap receiver"),
                     inform=m["inform"].bool("inform") if "inform" in m else False,
                     timeout=m["timeout"].duration("timeout") if "timeout" in m else timeout,

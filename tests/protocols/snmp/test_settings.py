@@ -76,6 +76,7 @@ def test_design_example(secrets: Path) -> None:
         (("    user: monitor\n    auth: {protocol: SHA-256, password_file: snmp-auth}\n    priv: {protocol: AES-128",
           "    auth: {protocol: SHA-256, password_file: snmp-auth}\n    priv: {protocol: AES-128"), "7:", "missing required key 'user'"),
         (('address: "203.0.113.7:161"', 'address: "203.0.113.7:99999"'), "7:", "bad port"),
+        (('address: "203.0.113.7:161"', 'address: "router1.example.net:161"'), "7:", "is not an IP address"),
     ],
 )
 def test_located_errors(secrets: Path, patch: tuple[str, str], where: str, message: str) -> None:
