@@ -46,6 +46,19 @@ _PRIVATE_NETS = tuple(
 )
 
 
+def is_private_packed(b: bytes) -> bool:
+    """is_private_ip for a packed A (4 bytes) or AAAA (16 bytes) address, without ipaddress."""
+    if len(b) == 16:
+        if b[:12] == b"\x00" * 10 + b"\xff\xff":
+            b = b[12:]  # IPv4-mapped
+        else:
+            return (b == bytes(16) or b == bytes(15) + b"\x01" or (b[0] == 0xFE and b[1] & 0xC0 == 0x80)
+                    or b[0] & 0xFE == 0xFC)
+    a, b1 = b[0], b[1]
+    return (a in (0, 10, 127) or (a == 100 and b1 & 0xC0 == 64) or (a == 169 and b1 == 254)
+            or (a == 172 and b1 & 0xF0 == 16) or (a == 192 and b1 == 168))
+
+
 def is_private_ip(text: str) -> bool:
     ip = ipaddress.ip_address(text)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -280,7 +293,7 @@ class Forwarder:
                     minimum = struct.unpack_from("!I", w, soa.rdata_at + soa.rdlen - 4)[0]
                     soa_ttl = struct.unpack_from("!I", w, soa.ttl_at)[0]
                     lifetime = min(soa_ttl, minimum, cs.negative_max_ttl)
-        offsets, ttls, ips = [], [], []
+        offsets, ttls, ips, private = [], [], [], []
         for r in recs:
             ttl = struct.unpack_from("!I", w, r.ttl_at)[0]
             ttl = max(cs.min_ttl, min(ttl, cs.max_ttl, lifetime if lifetime else ttl))
@@ -288,14 +301,16 @@ class Forwarder:
             offsets.append(r.ttl_at)
             ttls.append(ttl)
             if r.section == 1 and r.rtype in (1, 28) and r.rdlen in (4, 16):
-                fam = socket.AF_INET if r.rdlen == 4 else socket.AF_INET6
-                ips.append(socket.inet_ntop(fam, w[r.rdata_at : r.rdata_at + r.rdlen]))
+                packed = w[r.rdata_at : r.rdata_at + r.rdlen]
+                text = socket.inet_ntop(socket.AF_INET if r.rdlen == 4 else socket.AF_INET6, packed)
+                ips.append(text)
+                if is_private_packed(packed):
+                    private.append(text)
         if g_edns:
             buf += wire.opt_rr(self.settings.edns_udp_size, g_do)
-        private = tuple(ip for ip in ips if is_private_ip(ip))
         entry = CacheEntry(
             bytes(buf), tuple(offsets), tuple(ttls), stored=self.clock(), lifetime=lifetime, rcode=rcode,
-            qname=qname, qtype=qtype, status=None, answer_ips=tuple(ips), private_ips=private,
+            qname=qname, qtype=qtype, status=None, answer_ips=tuple(ips), private_ips=tuple(private),
             upstream=ans.audit(),
         )
         if lifetime > 0:

@@ -191,6 +191,9 @@ def parse_query(data: bytes) -> Query:
     return q
 
 
+_PLAIN = bytes(range(0x30, 0x3A)) + bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B)) + b"-_"
+
+
 def qname_text(wire_name: bytes) -> str:
     """Presentation text of an uncompressed wire name, lower-cased, without the final dot."""
     labels = []
@@ -199,11 +202,8 @@ def qname_text(wire_name: bytes) -> str:
         ln = wire_name[i]
         if ln == 0:
             break
-        raw = wire_name[i + 1 : i + 1 + ln]
-        if all(0x2D <= c <= 0x7A and (c in b"-_" or chr(c).isalnum()) for c in raw):
-            labels.append(raw.decode("ascii").lower())
-        else:
-            labels.append(_escape(raw.lower()))
+        raw = wire_name[i + 1 : i + 1 + ln].lower()
+        labels.append(raw.decode("ascii") if not raw.translate(None, _PLAIN) else _escape(raw))
         i += ln + 1
     return ".".join(labels) if labels else "."
 
