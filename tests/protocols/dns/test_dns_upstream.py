@@ -210,3 +210,25 @@ async def test_busy_upstream_gets_more_connections(make_proxy, upstream1) -> Non
     up = p.svc.fw.pool.upstreams[0]
     assert 2 <= up.connects <= 3 and len(up.conns) <= 3
     assert up.resumptions >= 1  # the extra connections resumed the first one's TLS session
+
+
+async def test_reload_swaps_upstreams_and_keeps_cache(make_proxy, upstream1, lab_dir: Path, lab_ca: LabCA) -> None:
+    import dataclasses
+
+    from policy import load_policy
+
+    other = start_unbound(lab_dir, lab_ca, pick_ip(), name="dot9.lab.test")
+    try:
+        p = await make_proxy(up_yaml(upstream1))
+        await dig(PROXY_IP, p.port, "www.lab.test", "A")
+        ups = (dataclasses.replace(p.settings.upstreams[0], host=other.address, name=other.name),)
+        new = dataclasses.replace(p.settings, upstreams=ups)
+        rules = next(iter(Path(p.svc.engine.file).parent.glob("rules-*.yaml")))
+        await p.svc.reload(new, load_policy(rules))
+        r = await dig(PROXY_IP, p.port, "www.lab.test", "A")  # still cached
+        assert r.status == "NOERROR" and p.records()[-1]["cache"] == "hit"
+        r = await dig(PROXY_IP, p.port, f"after{time.time_ns()}.wild.test", "A")
+        assert r.status == "NOERROR"
+        assert p.records()[-1]["upstream"]["address"] == f"{other.address}:853"
+    finally:
+        other.stop()
