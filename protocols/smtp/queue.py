@@ -33,6 +33,7 @@ from protocols.smtp.spool import (
 )
 
 FLUSH_POLL = 1.0
+FRESH_CACHE_BYTES = 64 * 1024 * 1024  # new messages kept in memory for their first attempt
 
 
 class QueueRunner:
@@ -51,6 +52,11 @@ class QueueRunner:
         self._sem = asyncio.Semaphore(settings.max_connections)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._remover: asyncio.Task[None] | None = None
+        self._to_remove: list[str] = []
+        self._removing = asyncio.Event()
+        self._fresh: dict[str, bytes] = {}
+        self._fresh_bytes = 0
         self.delivered = 0
         self.bounced = 0
 
@@ -60,7 +66,11 @@ class QueueRunner:
             self.entries[e.id] = e
             heapq.heappush(self._heap, (e.state.next_attempt, e.id))
 
-    def submit(self, entry: SpoolEntry) -> None:
+    def submit(self, entry: SpoolEntry, message: bytes | None = None) -> None:
+        """A newly stored entry, due now. `message` (its bytes) saves re-reading it from disk."""
+        if message is not None and self._fresh_bytes + len(message) <= FRESH_CACHE_BYTES:
+            self._fresh[entry.id] = message
+            self._fresh_bytes += len(message)
         self.entries[entry.id] = entry
         heapq.heappush(self._heap, (0.0, entry.id))
         self._wake.set()
@@ -76,6 +86,7 @@ class QueueRunner:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="smtp-queue")
+        self._remover = asyncio.create_task(self._remove_finished(), name="smtp-queue-remover")
 
     async def drain(self, timeout: float) -> None:
         self._stopping = True
@@ -88,6 +99,14 @@ class QueueRunner:
             _, pending = await asyncio.wait(list(self._inflight.values()), timeout=max(timeout, 0.1))
             for t in pending:  # unfinished attempts stay in the spool as pending: retried at next start
                 t.cancel()
+        if self._remover is not None:
+            self._remover.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._remover
+        if self._to_remove:
+            batch, self._to_remove = self._to_remove, []
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.spool.remove_many, batch)
         await self.deliverer.close()
 
     def stats(self) -> dict[str, int]:
@@ -96,11 +115,14 @@ class QueueRunner:
 
     # -- loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
-        reap_at = 0.0
+        reap_at = flush_at = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stopping:
-            if await asyncio.to_thread(self.spool.take_flush_request):
-                self.log.info("smtp: flush requested; retrying %d queued messages", len(self.entries))
-                self.flush()
+            if loop.time() >= flush_at:  # a stat once a second, not per wake-up
+                flush_at = loop.time() + FLUSH_POLL
+                if self.spool.flush_file.exists() and self.spool.take_flush_request():
+                    self.log.info("smtp: flush requested; retrying %d queued messages", len(self.entries))
+                    self.flush()
             now = self.clock()
             while self._heap and self._heap[0][0] <= now and len(self._inflight) < self.settings.max_connections * 4:
                 due, ident = heapq.heappop(self._heap)
@@ -141,7 +163,11 @@ class QueueRunner:
         entry = self.entries[ident]
         env = entry.envelope
         pending = entry.pending()
-        message = await asyncio.to_thread(self.spool.message, ident)
+        message = self._fresh.pop(ident, None)
+        if message is not None:
+            self._fresh_bytes -= len(message)
+        else:
+            message = await asyncio.to_thread(self.spool.message, ident)
         result = await self.deliverer.deliver(env, message, pending)
         now = self.clock()
         for a in result.attempts:
@@ -172,8 +198,9 @@ class QueueRunner:
                 await self._bounce(entry, message, failed, expired, now)
             elif failed:
                 self.log.warning("smtp: %s undeliverable to %d recipients; null sender, no bounce", ident, len(failed))
-            await asyncio.to_thread(self.spool.remove, ident)
             self.entries.pop(ident, None)
+            self._to_remove.append(ident)  # removed in batches (one directory fsync per batch)
+            self._removing.set()
             delivered = [r for r in env.rcpts if entry.rcpt_state(r).status == "delivered"]
             self.delivered += bool(delivered)
             self._audit_final(entry, delivered, failed, expired)
@@ -210,7 +237,20 @@ class QueueRunner:
             "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(failed)},
             "upstream": None, "event": "dsn", "dsn_id": dsn_env.id,
         })
-        self.submit(dsn_entry)
+        self.submit(dsn_entry, body)
+
+    async def _remove_finished(self) -> None:
+        """A crash before a batch is removed means those messages are delivered again (duplicates
+        are possible, losses are not): the same trade every MTA makes."""
+        while True:
+            await self._removing.wait()
+            self._removing.clear()
+            batch, self._to_remove = self._to_remove, []
+            if batch:
+                try:
+                    await asyncio.to_thread(self.spool.remove_many, batch)
+                except OSError as e:
+                    self.log.error("smtp: cannot remove %d delivered entries: %s", len(batch), e)
 
     # -- audit ----------------------------------------------------------------------------
     def _rule(self, env: Envelope) -> tuple[str, str]:

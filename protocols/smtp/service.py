@@ -414,7 +414,7 @@ class GuestHandler:
         svc.ctx.audit.emit(audit_record(first, guest=guest, src=src, protocol="smtp", request=request,
                                         upstream=None, event="accepted"))
         svc.accepted += 1
-        svc.runner.submit(entry)
+        svc.runner.submit(entry, message)
         return f"250 2.0.0 Ok: queued as {ident}"
 
 

@@ -221,9 +221,14 @@ class Spool:
         self._durable_write(self.queue / f"{entry.id}.st", (entry.state.to_json().encode(),))
 
     def remove(self, ident: str) -> None:
-        """Forget a finished entry (message first, so a crash leaves only an orphan state file)."""
-        (self.queue / f"{ident}.msg").unlink(missing_ok=True)
-        (self.queue / f"{ident}.st").unlink(missing_ok=True)
+        self.remove_many([ident])
+
+    def remove_many(self, idents: Iterable[str]) -> None:
+        """Forget finished entries (message first, so a crash leaves only an orphan state file),
+        then one directory fsync for the whole batch."""
+        for ident in idents:
+            (self.queue / f"{ident}.msg").unlink(missing_ok=True)
+            (self.queue / f"{ident}.st").unlink(missing_ok=True)
         _fsync_dir(self.queue)
 
     # -- reads ----------------------------------------------------------------------------
