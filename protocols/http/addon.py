@@ -40,6 +40,8 @@ from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
 
 MAX_CLIENT_HELLO = 64 * 1024
+MAX_PINS = 256
+_RESPONSE_HOP = frozenset({b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"upgrade"})
 MD_STATE = "proxyvm.state"
 
 HOOKS = (
@@ -93,6 +95,12 @@ class ConnInfo:
     orig_dst: tuple[str, int] | None = None  # SO_ORIGINAL_DST when the guest was redirected
     pins: dict[tuple[str, int], str] = field(default_factory=dict)  # (host, port) -> validated IP
     tunnel_host: str = ""  # the CONNECT host, once allowed
+    restore: dict[str, tuple[str, int]] = field(default_factory=dict)  # server id -> name address
+
+    def pin(self, host: str, port: int, ip: str) -> None:
+        if len(self.pins) >= MAX_PINS:  # one connection naming endless hosts must not grow forever
+            self.pins.pop(next(iter(self.pins)))
+        self.pins[(host, port)] = ip
 
 
 @dataclass(slots=True)
@@ -160,7 +168,6 @@ class PolicyAddon:
         self.failures = 0
         self.emitted = 0  # records this process wrote (tests see SO_REUSEPORT spreading)
         self._ssl_ctx: SSL.Context | None = None
-        self._restore: dict[str, tuple[str, int]] = {}
         verify_hooks(self)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -364,7 +371,7 @@ class PolicyAddon:
             return
         host = sni or ip
         context.server.address = (host, port)
-        info.pins[(host, port)] = ip
+        info.pin(host, port, ip)
         nl.layer = TCPLayer(context, ignore=True)
 
     @_fail_closed("flow")
@@ -398,7 +405,7 @@ class PolicyAddon:
             flow.response = self._deny_response(d)
             self._emit(st, status=flow.response.status_code, upstream=None)
             return
-        info.pins[(host, port)] = ip
+        info.pin(host, port, ip)
         info.tunnel_host = host
         upstream = {"address": f"{ip}:{port}", "tls": "passthrough", "verified": False}
         self._emit(st, status=200, upstream=upstream, connect=f"{host}:{port}")
@@ -448,13 +455,12 @@ class PolicyAddon:
         host_header = req.host_header
         req.scheme = plan.scheme
         req.port = plan.port
-        if host_header is None or core.normalize_host(host_header.rsplit(":", 1)[0] if host_header.count(":") == 1
-                                                     else host_header) != host:
+        if host_header is None or core.host_of_authority(host_header) != host:
             # RFC 9112 3.2.2: an absolute-form target's authority replaces the Host header, so the
             # origin serves exactly the host the policy decided on.
-            host_header = host if guest_port == 80 else f"{host}:{guest_port}"
+            host_header = core.authority(host, guest_port)
         req.host_header = host_header  # otherwise the guest's Host, exactly
-        info.pins[(host, plan.port)] = ip
+        info.pin(host, plan.port, ip)
         self._hygiene(flow, st, is_ws)
         limit = d.limits.get("max_body") or self.settings.limits.body
         if limit:
@@ -470,20 +476,31 @@ class PolicyAddon:
             flow.metadata[layers.MD_WS_LIMIT] = wl
 
     def _hygiene(self, flow: http.HTTPFlow, st: FlowState, is_ws: bool) -> None:
+        """Drop hop-by-hop headers (one pass over the raw fields) and any X-Forwarded-For."""
         h = flow.request.headers
-        conn_values = h.get_all("connection")
-        st.close_guest = any("close" in v.lower() for v in conn_values) or flow.request.http_version == "HTTP/1.0"
-        for name in core.hop_by_hop_names(conn_values):
-            if is_ws and name in ("upgrade", "connection"):
-                continue
-            if name in h:
-                del h[name]
+        fields = h.fields
+        drop = set(core.HOP_BY_HOP_BYTES)
+        drop.add(b"x-forwarded-for")  # never pass on what a guest claims
+        close = flow.request.http_version == "HTTP/1.0"
+        for k, v in fields:
+            if k.lower() == b"connection":
+                for token in v.split(b","):
+                    token = token.strip().lower()
+                    if token:
+                        drop.add(token)
+                    if token == b"close":
+                        close = True
+        st.close_guest = close
         if is_ws:
-            h["connection"] = "Upgrade"
-        if "x-forwarded-for" in h:
-            del h["x-forwarded-for"]  # never pass on what a guest claims
+            drop.discard(b"upgrade")
+            drop.discard(b"connection")
+        kept = tuple((k, v) for k, v in fields if k.lower() not in drop)
+        if is_ws:
+            kept = tuple((k, v) for k, v in kept if k.lower() != b"connection") + ((b"Connection", b"Upgrade"),)
         if self.settings.x_forwarded_for:
-            h["x-forwarded-for"] = flow.client_conn.peername[0]
+            kept += ((b"X-Forwarded-For", flow.client_conn.peername[0].encode()),)
+        if len(kept) != len(fields) or is_ws or self.settings.x_forwarded_for:
+            h.fields = kept
 
     @_fail_closed("flow")
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -492,9 +509,10 @@ class PolicyAddon:
         if st is None or resp is None:
             return
         if resp.status_code != 101:
-            for name in ("keep-alive", "proxy-connection", "proxy-authenticate", "upgrade"):
-                if name in resp.headers:
-                    del resp.headers[name]
+            fields = resp.headers.fields
+            kept = tuple((k, v) for k, v in fields if k.lower() not in _RESPONSE_HOP)
+            if len(kept) != len(fields):
+                resp.headers.fields = kept
             if st.close_guest:
                 resp.headers["connection"] = "close"
         if resp.stream is True:
@@ -592,11 +610,12 @@ class PolicyAddon:
             # Only addresses validated by a decision are ever dialled (no system resolver behind our back).
             data.server.error = f"no validated address for {host}:{port}"
             return
-        self._restore[data.server.id] = (str(addr[0]), port)
+        info.restore[data.server.id] = (str(addr[0]), port)
         data.server.address = (ip, port)
 
     def _restore_address(self, data: server_hooks.ServerConnectionHookData) -> None:
-        addr = self._restore.pop(data.server.id, None)
+        info = self.conns.get(data.client.id)
+        addr = info.restore.pop(data.server.id, None) if info is not None else None
         if addr is not None:
             # Keep mitmproxy's connection reuse keyed on the host name (so SNI and reuse agree).
             # `Server.__setattr__` refuses address changes on an open connection to stop addons from

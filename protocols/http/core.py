@@ -9,6 +9,7 @@ Must not: perform I/O, read settings files, or know about audit records.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ HOP_BY_HOP = frozenset(
 )
 
 
+HOP_BY_HOP_BYTES = frozenset(h.encode() for h in HOP_BY_HOP)
+
+
 def hop_by_hop_names(connection_header_values: list[str]) -> set[str]:
     """Every header that must not be forwarded: the fixed set plus those the Connection header names."""
     names = set(HOP_BY_HOP)
@@ -47,6 +51,23 @@ def normalize_host(host: str) -> str:
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
     return h
+
+
+def authority(host: str, port: int, default_port: int = 80) -> str:
+    """host[:port] for a Host header (IPv6 in brackets, the default port left out)."""
+    h = f"[{host}]" if ":" in host else host
+    return h if port == default_port else f"{h}:{port}"
+
+
+def host_of_authority(value: str) -> str:
+    """The normalized host part of a Host header value ("[fd00::1]:8080" -> "fd00::1")."""
+    v = value.strip()
+    if v.startswith("["):
+        end = v.find("]")
+        return normalize_host(v[1:end] if end > 0 else v)
+    if v.count(":") == 1:
+        v = v.split(":", 1)[0]
+    return normalize_host(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +165,7 @@ class Guarded(StrEnum):
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
 
+@functools.lru_cache(maxsize=4096)
 def guarded_address(ip: str) -> Guarded | None:
     """The class of an internal address the SSRF guard protects, or None for a public one."""
     try:

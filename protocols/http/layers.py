@@ -100,13 +100,11 @@ class GuestHttp1Server(Http1Server):
     _deadline: commands.RequestWakeup | None = None
     _head_started: float = 0.0
 
-    @property
-    def _max_head(self) -> int:
-        return int(_opt(self.context.options, "proxyvm_header_size", 64 * 1024))
-
-    @property
-    def _head_timeout(self) -> float:
-        return float(_opt(self.context.options, "proxyvm_header_timeout", 10.0))
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        # read once per connection: mitmproxy options deep-copy their value on every access
+        self._max_head = int(_opt(context.options, "proxyvm_header_size", 64 * 1024))
+        self._head_timeout = float(_opt(context.options, "proxyvm_header_timeout", 10.0))
 
     def _arm(self) -> layer.CommandGenerator[None]:
         self._head_started = time.monotonic()

@@ -61,12 +61,6 @@ class UpstreamResolver:
             await self._dns.close()
 
     async def resolve(self, host: str) -> Resolution:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            return Resolution((host,), "literal")
         if host in self.hosts:
             return Resolution(self.hosts[host], "hosts")
         now = self.clock()
@@ -74,6 +68,14 @@ class UpstreamResolver:
         if hit is not None and hit[0] > now:
             self._cache.move_to_end(host)
             return hit[1]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            res = Resolution((host,), "literal")
+            self._cache[host] = (now + 3600.0, res)
+            return res
         try:
             async with asyncio.timeout(self.timeout):
                 res, ttl = await (self._via_dns(host) if self._dns is not None else self._via_system(host))

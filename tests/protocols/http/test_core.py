@@ -114,3 +114,18 @@ def test_hook_names_are_real_mitmproxy_hooks() -> None:
             addon.verify_hooks(Typo())
     finally:
         addon.HOOKS = addon.HOOKS[:-1]
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [("www.Example.com", "www.example.com"), ("www.example.com:8080", "www.example.com"),
+     ("[fd00::1]:8080", "fd00::1"), ("[fd00::1]", "fd00::1"), ("10.0.0.1:80", "10.0.0.1")],
+)
+def test_host_of_authority(value: str, host: str) -> None:
+    assert core.host_of_authority(value) == host
+
+
+def test_authority() -> None:
+    assert core.authority("fd00::1", 80) == "[fd00::1]"
+    assert core.authority("fd00::1", 8080) == "[fd00::1]:8080"
+    assert core.authority("www.example.com", 8080) == "www.example.com:8080"
