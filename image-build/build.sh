@@ -157,7 +157,9 @@ rmdir "$root/etc/proxyvm" 2>/dev/null || true
 cp "$here/README.md" "$root/opt/proxyvm/README-image.md"
 in_root systemctl enable systemd-networkd.service nftables.service proxyvm-config.service \
 	proxyvm-gateway.service proxyvm.service proxyvm-status.service >/dev/null 2>&1
-in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer >/dev/null 2>&1 || true
+# Nothing here fetches updates (the image is replaced whole) or needs online ext4 scrubbing.
+in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
+	>/dev/null 2>&1 || true
 # The appliance has no interactive users; the serial getty stays for `virsh console`, root is locked.
 in_root passwd -l root >/dev/null
 

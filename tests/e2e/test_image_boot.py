@@ -419,12 +419,11 @@ def test_boots_through_bootloader_and_applies_config_drive(vm: Booted) -> None:
 
 def test_proxyvm_unit_ready_with_least_privilege(vm: Booted) -> None:
     vm.wait_console(r"proxyvm-status: service=", BOOT_TIMEOUT)
+    files = vm.wait_console(r"proxyvm-status: config-files (.*)\n", 30)
     text = vm.console()
     st = status_line(text)
     assert st["service"] == "active" and st["ready"] == "yes", vm.tail(60)
     # Config files: 0600, owned by the service user, contents never printed.
-    files = re.search(r"proxyvm-status: config-files (.*)", text)
-    assert files, vm.tail()
     entries = dict(e.split(":", 1) for e in files.group(1).split())
     assert set(entries) == {"proxyvm.yaml", "rules.yaml", "lab-ca.pem", "lab-anchor.txt"}
     assert set(entries.values()) == {"600:proxyvm:proxyvm"}
