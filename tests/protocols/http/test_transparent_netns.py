@@ -71,6 +71,7 @@ def running(netns: str, tmp_path_factory: pytest.TempPathFactory):
         "default: deny\nrules:\n"
         "  - {id: web, action: allow, protocol: http, match: {host: [www.lab.test]}}\n"
         "  - {id: tls, action: allow, protocol: tls, match: {sni: [www.lab.test]}}\n"
+        f"  - {{id: by-addr, action: allow, protocol: tls, match: {{dst: [{ORIGIN}/32]}}}}\n"
     )
     (d / "proxyvm.yaml").write_text(
         f"""\
@@ -154,3 +155,12 @@ def test_redirected_tls_passes_through_to_original_destination(running) -> None:
     assert "sni=www.lab.test" in r.stdout, r
     rec = wait_audit(d, lambda x: x.get("protocol") == "tls" and x.get("verdict") == "allow")
     assert rec["request"] == {"sni": "www.lab.test", "dst": ORIGIN} and rec["orig_dst"] == f"{ORIGIN}:443"
+
+
+def test_client_hello_without_sni_allowed_only_by_an_address_rule(running) -> None:
+    netns, lab, d = running
+    r = sh(*guest(netns, "openssl", "s_client", "-noservername", "-connect", f"{ORIGIN}:443", "-brief"),
+           check=False, input="", timeout=20)
+    assert "CONNECTION ESTABLISHED" in (r.stdout + r.stderr), r
+    rec = wait_audit(d, lambda x: x.get("protocol") == "tls" and x.get("request", {}).get("sni") == "")
+    assert rec["verdict"] == "allow" and rec["rule"] == "by-addr" and rec["request"]["dst"] == ORIGIN

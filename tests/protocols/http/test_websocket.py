@@ -102,3 +102,24 @@ async def test_websocket_memory_flat_over_long_stream(svc) -> None:
     assert got == n * len(chunk)
     growth_mib = (max(peak, rss_kib()) - before) / 1024
     assert growth_mib < 50, f"RSS grew {growth_mib:.1f} MiB over a {total >> 20} MiB stream"
+
+
+async def test_websocket_rule_max_message_limit(make_service) -> None:
+    rules = """\
+default: deny
+rules:
+  - id: small-ws
+    action: allow
+    protocol: ws
+    match: {host: [ws.lab.test], max_message: 2000}
+"""
+    r = await make_service(rules=rules)
+    async with ws(r) as conn:
+        await conn.send("a" * 1500)
+        assert await conn.recv() == "a" * 1500
+        await conn.send("b" * 3000)
+        with pytest.raises(ConnectionClosed) as e:
+            await conn.recv()
+    assert e.value.rcvd is not None and e.value.rcvd.code == 1009
+    closed = await eventually(lambda: r.records(protocol="ws", event="closed"))
+    assert closed[-1]["status"] == 1009
