@@ -63,7 +63,7 @@ class Query:
         "edns", "udp_size", "do", "key", "badvers",
     )
 
-    id: int
+    id: int  # of the first packet parsed; answers take the ID from each packet's own bytes
     b2: int
     b3: int
     opcode: int
@@ -233,7 +233,7 @@ def opt_rr(udp_size: int, do: bool, options: bytes = b"", ext_rcode: int = 0) ->
 
 def badvers_response(data: bytes, q: Query, udp_size: int) -> bytes:
     """RFC 6891 §6.1.3: BADVERS (16) for an EDNS version we do not speak, with our version 0."""
-    out = struct.pack("!HBBHHHH", q.id, QR | (q.b2 & 0x79), RA | (q.b3 & CD), 1, 0, 0, 1)
+    out = data[:2] + struct.pack("!BBHHHH", QR | (q.b2 & 0x79), RA | (q.b3 & CD), 1, 0, 0, 1)
     return out + data[12 : q.qend] + opt_rr(udp_size, q.do, ext_rcode=16 >> 4)
 
 
@@ -242,7 +242,9 @@ def error_response(
 ) -> bytes:
     """An answer with no records: header (ID, opcode, RD, CD echoed), the question when it was
     readable, and an OPT with an Extended DNS Error when the guest spoke EDNS."""
-    qid, b2, b3 = (q.id, q.b2, q.b3) if q is not None else struct.unpack_from("!HBB", data, 0)
+    # The ID always comes from `data`: a parsed Query may be shared by packets that differ only in ID.
+    qid = struct.unpack_from("!H", data, 0)[0]
+    b2, b3 = (q.b2, q.b3) if q is not None else struct.unpack_from("!BB", data, 2)
     flags2 = QR | (b2 & 0x79)  # opcode + RD
     flags3 = RA | (b3 & CD) | (rcode & 0x0F)
     has_q = q is not None and bool(q.qname)
@@ -261,7 +263,7 @@ def truncated(data: bytes, q: Query, udp_size: int) -> bytes:
     """TC=1 with the question only, so the guest retries over TCP (RFC 7766 §5)."""
     flags2 = QR | TC | (q.b2 & 0x79)
     flags3 = RA | (q.b3 & CD)
-    out = struct.pack("!HBBHHHH", q.id, flags2, flags3, 1, 0, 0, 1 if q.edns else 0) + data[12 : q.qend]
+    out = data[:2] + struct.pack("!BBHHHH", flags2, flags3, 1, 0, 0, 1 if q.edns else 0) + data[12 : q.qend]
     if q.edns:
         out += opt_rr(udp_size, q.do)
     return out

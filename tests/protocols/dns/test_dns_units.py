@@ -279,3 +279,22 @@ def test_raw_answer_path_matches_dnspython_path(rcode, answer, soa, g_edns, g_do
     assert raw.expires - raw.stored == pytest.approx(slow.expires - slow.stored)
     assert raw.answer_ips == slow.answer_ips and raw.private_ips == slow.private_ips
     assert (raw.expires > raw.stored) == (rcode in (0, 3) and bool(answer or soa))
+
+
+def test_service_audit_record_equals_base_audit_record() -> None:
+    from policy.decision import Decision, ReasonCode, Verdict
+    from protocols.base import MemoryAudit, ServiceContext, StaticGuests, audit_record
+    from protocols.dns.service import DNSService
+
+    audit = MemoryAudit()
+    svc = DNSService(ServiceContext(settings=DNSSettings(), engine=None, audit=audit, guests=StaticGuests(),
+                                    log=logging.getLogger("t")))
+    svc.clock = lambda: 10.5
+    d = Decision(Verdict.WOULD_DENY, ReasonCode.RULE, "r1", "rules.yaml:3", "qname x matches x")
+    up = {"address": "192.0.2.53:853", "tls": "TLSv1.3", "verified": True}
+    svc._audit(d, "web1", ("198.18.0.10", 4000), "x", "A", 10.25, rcode=3, upstream=up, cache="hit")
+    expected = audit_record(d, guest="web1", src="198.18.0.10:4000", protocol="dns",
+                            request={"qname": "x", "qtype": "A"}, upstream=up, rcode="NXDOMAIN",
+                            duration_ms=250.0, cache="hit")
+    assert audit.records == [expected]
+    assert list(audit.records[0]) == list(expected)
