@@ -65,7 +65,7 @@ def other_ca(lab_dir: Path) -> LabCA:
 
 @pytest.fixture(scope="session")
 def mx_cert(lab_ca: LabCA) -> tuple[Path, Path]:
-    return lab_ca.issue(["mx.lab.test", "relay.lab.test", MX_IP], stem="mx")
+    return lab_ca.issue(["mx.lab.test", "relay.lab.test", "mx.plain.smtplab", MX_IP], stem="mx")
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +83,8 @@ def postfix_mx(lab_dir: Path, mx_cert: tuple[Path, Path]) -> Any:
     need_postfix()
     d = lab_dir / "postfix-mx"
     lab = pflab.PostfixLab(d, MX_IP, 25, cert=mx_cert[0], key=mx_cert[1],
+                           domains=("example.org", "lab.test", "dane.smtplab", "bad.smtplab", "plain.smtplab",
+                                    "forged.smtplab"),
                            sasl_users={RELAY_USER: RELAY_PASSWORD},
                            extra={"smtpd_recipient_restrictions":
                                   "check_recipient_access inline:{ {nosuchuser@example.org=550 5.1.1 no such user} }"})
@@ -164,7 +166,8 @@ async def start_service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[SMTPService] = []
 
     async def _start(settings: SMTPSettings, *, rules: str = ALLOW_ALL, resolver: MailResolver | None = None,
-                     clock: Clock | None = None, guests: dict[str, str] | None = None, **kw: Any) -> Running:
+                     clock: Clock | None = None, guests: dict[str, str] | None = None, config: Any = None,
+                     **kw: Any) -> Running:
         port = settings.listen[0][1] or free_port(PROXY_IP)
         settings = replace(settings, listen=((PROXY_IP, port),))
         audit = MemoryAudit()
@@ -172,7 +175,7 @@ async def start_service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         ctx = ServiceContext(
             settings=settings, engine=make_engine(tmp_path, rules), audit=audit,
             guests=StaticGuests(guests or {"127.0.5.2": "mail1"}), log=logging.getLogger("test.smtp"),
-            state_dir=tmp_path / "state", clock=clock,
+            state_dir=tmp_path / "state", clock=clock, config=config,
         )
         svc = SMTPService(ctx, resolver=resolver, **kw)
         await svc.start()

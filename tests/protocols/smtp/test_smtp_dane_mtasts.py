@@ -1,10 +1,11 @@
 """DANE (RFC 7672) and MTA-STS (RFC 8461) delivery to the real Postfix MX.
 
 STAND-IN RESOLVER: these tests give the service a `StaticResolver` with fixed answers and fixed
-DNSSEC statuses ("secure"/"insecure") instead of a signed-zone lab behind our validating resolver:
-the signed-zone lab (tests/labs/dnssec_lab.py) serves only its own fixed cases and the SMTP-side
-zone is not built yet. Everything else is real: Postfix with STARTTLS, the TLS handshakes, the
-certificate chains, and (MTA-STS) a real nginx serving the policy over verified HTTPS.
+DNSSEC statuses ("secure"/"insecure") to reach cases the signed-zone lab of test_smtp_dane_lab.py
+does not build (DANE-TA, a DANE-matched certificate from an untrusted CA, MTA-STS domains). The real
+chain — signed zones, DoT, our validator — is exercised there for DANE-EE match, mismatch, securely
+absent TLSA and a bogus TLSA signature. Everything else here is real: Postfix with STARTTLS, the TLS
+handshakes and certificate chains, and (MTA-STS) a real nginx serving the policy over verified HTTPS.
 """
 
 from __future__ import annotations
