@@ -38,7 +38,7 @@ class ProxyVM:
         return cls(p, **kw)
 
     def start(self, timeout: float = 30.0, expect_ready: bool = True) -> ProxyVM:
-        env = dict(os.environ, PROXYVM_LOG_LEVEL="DEBUG", **(self.env or {}))
+        env = {**os.environ, "PROXYVM_LOG_LEVEL": "DEBUG", **(self.env or {})}
         self._logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxyvm", "run", "-c", str(self.config)],
