@@ -63,15 +63,47 @@ async def timed(v: Validator, items) -> tuple[float, float]:
     return len(items) / (time.perf_counter() - t0), (time.process_time() - c0) * 1e6 / len(items)
 
 
-def unbound_miss_qps(workdir: Path, run: int, n: int) -> float:
-    names = workdir / f"names{run}.txt"
-    names.write_text("".join(f"u{run}x{i}.wild.nsec3.{TLD} A\n" for i in range(n)))
-    out = subprocess.run(["dnsperf", "-s", ORACLE_IP, "-d", str(names), "-n", "1", "-c", "1", "-q", "100",
-                          "-t", "5"], capture_output=True, text=True, timeout=120).stdout
+def unbound_miss_qps(workdir: Path, run: int, n: int, server: str = ORACLE_IP, port: int = 53,
+                     tag: str = "u") -> float:
+    """dnsperf with n never-asked names (answered by the *.wild.nsec3 wildcard): every query a miss."""
+    names = workdir / f"names-{tag}{run}.txt"
+    names.write_text("".join(f"{tag}{run}x{i}.wild.nsec3.{TLD} A\n" for i in range(n)))
+    out = subprocess.run(["dnsperf", "-s", server, "-p", str(port), "-d", str(names), "-n", "1", "-c", "1",
+                          "-q", "100", "-t", "5", "-D"], capture_output=True, text=True, timeout=120).stdout
     for line in out.splitlines():
         if "Queries per second" in line:
             return float(line.split()[-1])
     raise RuntimeError(out)
+
+
+def proxy_miss_qps(lab: DNSSECLab, workdir: Path, n: int, dnssec: str) -> float:
+    """The real `proxyvm run` (DoT to the lab's iterator Unbound, validating with the lab anchor)."""
+    from tests.labs.proc import free_port
+    from tests.labs.proxy import ProxyVM
+
+    ip = "127.0.4.21"
+    d = workdir / f"proxy-{dnssec}"
+    d.mkdir()
+    (d / "rules.yaml").write_text("mode: enforce\ndefault: allow\nrules: []\n")
+    port, admin = free_port(ip), free_port(ip)
+    p = ProxyVM.from_text(d, f"""policy: rules.yaml
+audit: {{path: audit.jsonl}}
+admin: {{listen: "{ip}:{admin}"}}
+state_dir: state
+dns:
+  listen: ["{ip}:{port}"]
+  upstreams:
+    - {{address: "127.0.4.10:853", name: upstream.dnssec.lab}}
+  ca_file: {lab.ca.ca_pem}
+  dnssec: {dnssec}
+  trust_anchors: {lab.dir / "root.ds"}
+""")
+    p.start()
+    try:
+        unbound_miss_qps(workdir, 9, 200, ip, port, tag=f"warm{dnssec}")  # keys, connections
+        return statistics.median(unbound_miss_qps(workdir, r, n, ip, port, tag=f"p{dnssec}") for r in range(3))
+    finally:
+        p.stop()
 
 
 def main() -> None:
@@ -90,6 +122,8 @@ def main() -> None:
                 rows.append((name, statistics.median(r for r, _ in cold), statistics.median(c for _, c in cold),
                              statistics.median(r for r, _ in warm), statistics.median(c for _, c in warm)))
             ub = statistics.median(unbound_miss_qps(Path(tmp), r, n) for r in range(3))
+            proxy_on = proxy_miss_qps(lab, Path(tmp), n, "validate")
+            proxy_off = proxy_miss_qps(lab, Path(tmp), n, "off")
         finally:
             lab.stop()
     print(f"\nDNSSEC validation cost, {n} distinct answers per workload, warm key cache, median of 3")
@@ -99,6 +133,9 @@ def main() -> None:
         print(f"{name:26} {cold:20.0f} {cold_cpu:7.0f} {warm:17.0f} {warm_cpu:7.0f} "
               f"{cold / ub:7.2f}x..{warm / ub:.2f}x")
     print(f"Unbound 1.17, 1 thread, validated cache miss (dnsperf, unique wildcard names): {ub:.0f} qps")
+    print(f"proxyvm run, dnssec: validate, same names via DoT to the lab's iterator:      {proxy_on:.0f} qps"
+          f"  ({proxy_on / ub:.2f}x Unbound)")
+    print(f"proxyvm run, dnssec: off (reference):                                         {proxy_off:.0f} qps")
 
 
 if __name__ == "__main__":
