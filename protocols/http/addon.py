@@ -421,6 +421,11 @@ class PolicyAddon:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         info = self.conns[flow.client_conn.id]
         req = flow.request
+        if flow.error is not None:  # mitmproxy found the request invalid; the error hook audits it
+            d = _decision(Verdict.DENY, "bad_request", flow.error.msg[:200])
+            flow.metadata[MD_STATE] = FlowState(info, "http", {"method": req.method, "host": req.host,
+                                                               "path": core.split_path(req.path)}, d, time.monotonic())
+            return
         host = core.normalize_host(req.host)
         guest_port = req.port
         path = core.split_path(req.path)
@@ -553,9 +558,11 @@ class PolicyAddon:
         if st is None or st.audited:
             return
         msg = flow.error.msg if flow.error else "error"
-        status = flow.metadata.get(layers.MD_STATUS)
+        status = flow.metadata.get(layers.MD_STATUS) or flow.metadata.get(layers.MD_INVALID)
         extra: dict[str, Any] = {}
-        if status is None:
+        if status in (400, 502) and layers.MD_INVALID in flow.metadata:
+            extra["error"] = msg[:200]
+        elif status is None:
             if flow.response is not None or "client disconnected" in msg.lower() or msg == "killed":
                 status = None
                 extra["error"] = msg[:200]

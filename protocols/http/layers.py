@@ -14,6 +14,7 @@ Methods copied from mitmproxy say so; when upgrading mitmproxy, diff them agains
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,8 @@ MD_STATUS = "proxyvm.status"  # status we answered with when there is no flow.re
 MD_BYTES_IN = "proxyvm.bytes_in"  # guest -> upstream
 MD_BYTES_OUT = "proxyvm.bytes_out"  # upstream -> guest
 MD_WS_LIMIT = "proxyvm.ws_limit"
+MD_INVALID = "proxyvm.invalid"  # set while mitmproxy validates a message: an error now is a 400/502 of ours
+_CTL = re.compile(rb"[\x00-\x20\x7f]")
 
 # Set by the addon: called as ON_REFUSED(client, status, detail) when a guest connection is refused
 # before a request parsed (mitmproxy has no hook there). One mitmproxy master per process, so a
@@ -158,6 +161,8 @@ class GuestHttp1Server(Http1Server):
             try:
                 self.request = http1.read_request_head([bytes(x) for x in request_head])
                 expected_body_size = http1.expected_http_body_size(self.request)
+                if _CTL.search(self.request.data.path):
+                    raise ValueError("control character in the request target")
             except ValueError as e:
                 self.request = None
                 yield from self._refuse(400, f"malformed request: {e}")
@@ -179,6 +184,8 @@ class GuestHttp1Server(Http1Server):
                 return
             if not self.response and event.code != status_codes.NO_RESPONSE:
                 detail = event.message
+                if event.code == 400 and detail.startswith("HTTP request has no host header") and ON_REFUSED:
+                    ON_REFUSED(self.context.client, 400, detail)  # mitmproxy runs no hook for this one
                 if event.code == 502:
                     detail = f"{core.cause_text(core.classify_upstream_error(detail))} ({detail})"
                 yield commands.SendData(self.conn, text_response(event.code, detail))
@@ -226,6 +233,14 @@ class GuardedHttpStream(HttpStream):
         yield SendHttp(ResponseProtocolError(self.stream_id, msg, 413), self.context.client)
         self.flow.live = False
         self.client_state = self.server_state = self.state_errored
+
+    def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
+        # mitmproxy emits the error hook before it answers; tell the addon which status that is
+        self.flow.metadata[MD_INVALID] = 400 if request else 502
+        bad = yield from super().check_invalid(request)
+        if not bad:
+            self.flow.metadata.pop(MD_INVALID, None)
+        return bad
 
     def start_request_stream(self) -> layer.CommandGenerator[None]:
         if self.flow.response is not None:

@@ -37,13 +37,20 @@ def status_of(raw: bytes) -> int:
             b"POST / HTTP/1.1\r\nHost: www.lab.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             id="smuggling-cl-te",
         ),
+        pytest.param(b"GET /\x00 HTTP/1.1\r\nHost: www.lab.test\r\n\r\n", id="nul-in-target"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n", id="undecodable-host"),
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="h2-prior-knowledge"),
     ],
 )
 @pytest.mark.parametrize("kind", ["transparent", "proxy"])
 async def test_malformed_request_400(svc, payload: bytes, kind: str) -> None:
+    before = len(svc.lab.log("main"))
     out = await raw_exchange(svc.addr(kind), payload)
     assert status_of(out) == 400, out[:300]
     assert b"content-type: text/plain" in out.lower()
+    assert len(svc.lab.log("main")) == before  # nothing reached the origin
+    rec = svc.records(status=400)[-1]  # and every refusal is audited
+    assert rec["verdict"] == "deny" and rec["rule"] == "bad_request", rec
     await still_serving(svc, kind)
 
 
