@@ -138,7 +138,8 @@ edns_client_subnet_private: 1
 idle_timeout: 10000
 round_robin_upstreams: 0
 tls_ca_file: "{ca}"
-listen_addresses: ["{ip}@{port}"]
+listen_addresses:
+  - {ip}@{port}
 appdata_dir: "{d}/stubby-appdata"
 dnssec_return_status: GETDNS_EXTENSION_FALSE
 limit_outstanding_queries: 0
