@@ -77,6 +77,7 @@ class PostfixLab:
         relay_name: str | None = None,  # the name that relay's certificate must carry
         relay_ca: Path | None = None,
         connection_reuse: bool = False,
+        smtps_port: int | None = None,  # also listen with implicit TLS (RFC 8314) on this port
         extra: dict[str, str] | None = None,
     ):
         self.dir = Path(directory)
@@ -88,6 +89,7 @@ class PostfixLab:
         self.sasl_users = sasl_users or {}
         self.relay_to, self.relay_name, self.relay_ca = relay_to, relay_name, relay_ca
         self.connection_reuse = connection_reuse
+        self.smtps_port = smtps_port
         self.extra = extra or {}
         self.conf = self.dir / "conf"
         self.queue = self.dir / "queue"
@@ -194,7 +196,10 @@ class PostfixLab:
             if st.st_uid == os.geteuid() and not st.st_mode & 0o001:
                 parent.chmod(st.st_mode | 0o011)
         (self.conf / "main.cf").write_text(self._main_cf())
-        (self.conf / "master.cf").write_text(_MASTER_CF.format(listen=f"{self.address}:{self.port}"))
+        master = _MASTER_CF.format(listen=f"{self.address}:{self.port}")
+        if self.smtps_port:
+            master += f"{self.address}:{self.smtps_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes\n"
+        (self.conf / "master.cf").write_text(master)
         if self.relay_to:
             name = self.relay_name or self.relay_to
             (self.conf / "tls_policy").write_text(f"{self.relay_to} verify match={name}\n")

@@ -85,7 +85,7 @@ def postfix_mx(lab_dir: Path, mx_cert: tuple[Path, Path]) -> Any:
     lab = pflab.PostfixLab(d, MX_IP, 25, cert=mx_cert[0], key=mx_cert[1],
                            domains=("example.org", "lab.test", "dane.smtplab", "bad.smtplab", "plain.smtplab",
                                     "forged.smtplab"),
-                           sasl_users={RELAY_USER: RELAY_PASSWORD},
+                           sasl_users={RELAY_USER: RELAY_PASSWORD}, smtps_port=465,
                            extra={"smtpd_recipient_restrictions":
                                   "check_recipient_access inline:{ {nosuchuser@example.org=550 5.1.1 no such user} }"})
     lab.start()

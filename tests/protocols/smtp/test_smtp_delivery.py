@@ -234,3 +234,47 @@ async def test_mailq_lists_and_flush_trigger(postfix_mx, lab_ca, tmp_path, start
         assert mailq.format_rows([]) == "Mail queue is empty\n"
     finally:
         await strip.stop()
+
+
+async def test_relay_implicit_tls_465(postfix_mx, lab_ca, tmp_path, start_service):
+    run = await start_service(relay_settings(tmp_path / "spool", lab_ca.ca_pem, port=465))
+    tag = secrets.token_hex(6)
+    rc, out = await swaks(run.server, "--from", "a@example.com", "--to", "bob@example.org",
+                          "--header", f"Subject: smtps {tag}")
+    assert rc == 0, out
+    msg = await asyncio.to_thread(postfix_mx.find, f"smtps {tag}".encode())
+    assert b"with ESMTPSA" in msg
+    att = await run.wait_records(event="attempt", outcome="delivered")
+    assert att[0]["upstream"]["address"] == f"{MX_IP}:465" and att[0]["upstream"]["verified_by"] == "ca"
+
+
+async def test_implicit_mx_fallback_to_address(postfix_mx, lab_ca, tmp_path, start_service):
+    """RFC 5321 5.1: no MX records (NODATA) means the domain itself is the mail host."""
+    resolver = StaticResolver({("mx", "lab.test"): Answer(()), ("address", "lab.test"): Answer((MX_IP,))})
+    s = replace(relay_settings(tmp_path / "spool", lab_ca.ca_pem), relay=None)
+    run = await start_service(s, resolver=resolver, rules="mode: enforce\ndefault: allow\nrules: []\n")
+    # the certificate does not name lab.test itself: CA verification must refuse it (deferred)
+    rc, out = await swaks(run.server, "--from", "a@example.org", "--to", "x@lab.test")
+    assert rc == 0, out
+    att = await run.wait_records(event="attempt", outcome="deferred")
+    assert att[0]["upstream"]["address"] == f"{MX_IP}:25" and "lab.test" in att[0]["alarm"]
+    assert ("address", "lab.test") in resolver.queries
+
+
+async def test_reload_swaps_policy_without_dropping_sessions(tmp_path, start_service, postfix_mx, lab_ca):
+    from tests.protocols.smtp.conftest import make_engine
+
+    run = await start_service(relay_settings(tmp_path / "spool", lab_ca.ca_pem))
+    r, w = await raw_session(run.server)
+    await read_reply(r)
+    await chat(r, w, b"EHLO g\r\n")
+    await chat(r, w, b"MAIL FROM:<a@example.com>\r\n")
+    assert (await chat(r, w, b"RCPT TO:<b@example.org>\r\n")).startswith("250")
+    deny_all = make_engine(tmp_path, "mode: enforce\ndefault: deny\nrules: []\n")
+    await run.service.reload(run.settings, deny_all)
+    reply = await chat(r, w, b"RCPT TO:<c@example.org>\r\n")  # same session, new policy
+    assert reply.startswith("550 5.7.1") and "rule default" in reply
+    await chat(r, w, b"DATA\r\n")
+    assert (await chat(r, w, b"Subject: kept\r\n\r\nx\r\n.\r\n")).startswith("250 2.0.0")
+    w.close()
+    assert run.service.health()["state"] == "ok"

@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -96,6 +97,12 @@ def test_kill9_right_after_250_then_restart_delivers_once(postfix_mx, lab_ca, tm
             pvm._logf.close()
         assert len(list((tmp_path / "spool" / "queue").glob("*.msg"))) == 1
         assert not any(f"kill9 {tag}".encode() in m for m in postfix_mx.messages())
+        # `proxyvm mailq` reads the spool of a dead proxy
+        q = subprocess.run([sys.executable, "-m", "proxyvm", "mailq", "-c", str(tmp_path / "proxyvm.yaml")],
+                           capture_output=True, text=True, timeout=60)
+        assert q.returncode == 0, q.stderr
+        assert "alice@example.com" in q.stdout and "bob@example.org" in q.stdout and "mail1" in q.stdout
+        assert tag not in q.stdout  # no subjects or bodies
         # restart with the real relay: the spooled message is recovered and delivered exactly once
         text = write_config(tmp_path, lab_ca.ca_pem, MX_IP, 25, smtp_port, admin_port)
         with ProxyVM.from_text(tmp_path, text, name="proxyvm2.yaml"):
