@@ -34,6 +34,7 @@ from protocols.snmp import ber, translate, usm
 from protocols.snmp.peer import AgentError, AgentTimeout, V3Peer
 from protocols.snmp.settings import Agent, Credentials, SNMPSettings, TrapReceiver
 from protocols.snmp.udp import UDPEndpoint
+from protocols.transparent import TransparentUDP
 
 OIDS_IN_AUDIT = 4
 MAX_PEERS = 512  # transparent mode creates one (one socket) per original destination; LRU-evicted
@@ -117,6 +118,29 @@ class _Listener:
         self.endpoint.close()
 
 
+class _TransparentListener:
+    """Gateway mode: datagrams arrive by TPROXY for any agent address; replies leave from the
+    address the guest asked (protocols.transparent), so its client accepts them."""
+
+    def __init__(self, handler: Any, host: str, port: int):
+        self.udp = TransparentUDP(host, port, handler)
+        self.udp.start()
+        self.endpoint = self
+        self.closed = False
+
+    def getsockname(self) -> Any:
+        return self.udp.sock.getsockname()
+
+    def stop_reading(self) -> None:
+        if not self.closed:
+            asyncio.get_running_loop().remove_reader(self.udp.sock.fileno())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.udp.close()
+
+
 class SNMPService:
     name: ClassVar[str] = "snmp"
 
@@ -151,10 +175,15 @@ class SNMPService:
         for handler, addrs in ((self.handle_datagram, self.settings.listen),
                                (self.handle_trap, self.settings.traps_listen)):
             for host, port in addrs:
-                listener = _Listener(self, handler, host, port)
+                listener: Any = (_TransparentListener(handler, host, port) if self._transparent()
+                                 else _Listener(self, handler, host, port))
                 self._listeners.append(listener)
                 out.append(f"udp {_fmt(listener.endpoint.getsockname())}")
         return out
+
+    def _transparent(self) -> bool:
+        """With a `gateway:` section, guests' packets arrive by TPROXY (`proxyvm gateway up`)."""
+        return getattr(self.ctx.config, "gateway", None) is not None
 
     def bound_addresses(self) -> list[tuple[str, int]]:
         return [tuple(lst.endpoint.getsockname()[:2]) for lst in self._listeners]  # type: ignore[misc]
