@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import random
 import secrets
 import threading
 from collections.abc import Callable, Iterable
@@ -137,9 +138,12 @@ def backoff(attempts: int, retry: RetrySettings) -> float:
     return min(retry.first * (2 ** min(n - 1, 40)), max(retry.max_interval, retry.first))
 
 
+_ID_RANDOM = random.Random(os.urandom(16))  # ids need uniqueness, not secrecy: no syscall per message
+
+
 def new_id(now: float) -> str:
     """Sortable by arrival, unique without coordination: seconds (hex) + 40 random bits."""
-    return f"{int(now):09X}{secrets.token_hex(5).upper()}"
+    return f"{int(now):09X}{_ID_RANDOM.getrandbits(40):010X}"
 
 
 def _fsync_dir(path: Path) -> None:
