@@ -28,7 +28,6 @@ from mitmproxy.net import tls as net_tls
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import layer as mlayer
 from mitmproxy.proxy import server_hooks
-from mitmproxy.proxy.layers import TCPLayer
 from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from OpenSSL import SSL
@@ -96,6 +95,7 @@ class ConnInfo:
     pins: dict[tuple[str, int], str] = field(default_factory=dict)  # (host, port) -> validated IP
     tunnel_host: str = ""  # the CONNECT host, once allowed
     restore: dict[str, tuple[str, int]] = field(default_factory=dict)  # server id -> name address
+    tunnel: FlowState | None = None  # the allowed CONNECT, for the record written when it ends
 
     def pin(self, host: str, port: int, ip: str) -> None:
         if len(self.pins) >= MAX_PINS:  # one connection naming endless hosts must not grow forever
@@ -328,7 +328,9 @@ class PolicyAddon:
                 self._emit_plain(info, "tls", d, {"sni": sni, "host": host}, status=None)
                 nl.layer = layers.Reject(context)
                 return
-            nl.layer = TCPLayer(context, ignore=True)
+            st = info.tunnel or FlowState(info, "tls", {"sni": host, "dst": ""}, _decision(Verdict.ALLOW, "connect", ""),
+                                          time.monotonic())
+            nl.layer = layers.SplicedTunnel(context, functools.partial(self._tunnel_end, st))
             return
         # The passthrough listener: the ClientHello is all we know.
         request = {"sni": sni, "dst": ""}
@@ -365,14 +367,34 @@ class PolicyAddon:
         if d.allowed and self._is_self(ip, port):
             d = _decision(Verdict.DENY, "loop", f"{ip}:{port} is this proxy")
         upstream = {"address": f"{ip}:{port}", "tls": "passthrough", "verified": False}
-        self._emit_plain(info, "tls", d, request, status=None, upstream=upstream)
+        st = FlowState(info, "tls", request, d, time.monotonic())
+        self._emit(st, status=None, upstream=upstream)
         if not d.allowed:
             nl.layer = layers.Reject(context)
             return
         host = sni or ip
         context.server.address = (host, port)
         info.pin(host, port, ip)
-        nl.layer = TCPLayer(context, ignore=True)
+        st.upstream_ip = f"{ip}:{port}"
+        nl.layer = layers.SplicedTunnel(context, functools.partial(self._tunnel_end, st))
+
+    def _tunnel_end(self, st: FlowState, bytes_in: int, bytes_out: int, error: str) -> None:
+        """The second record of a spliced tunnel: bytes each way, duration, and why it failed."""
+        rec = audit_record(
+            st.decision,
+            guest=st.info.guest,
+            src=st.info.src,
+            protocol="tls",
+            request=st.request,
+            upstream={"address": f"{st.upstream_ip}", "tls": "passthrough", "verified": False},
+            status=None,
+            event="closed",
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_ms=round((time.monotonic() - st.started) * 1000, 1),
+            **({"error": error[:200]} if error else {}),
+        )
+        self.ctx.audit.emit(rec)
 
     @_fail_closed("flow")
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -409,6 +431,8 @@ class PolicyAddon:
         info.tunnel_host = host
         upstream = {"address": f"{ip}:{port}", "tls": "passthrough", "verified": False}
         self._emit(st, status=200, upstream=upstream, connect=f"{host}:{port}")
+        st.upstream_ip = f"{ip}:{port}"
+        info.tunnel = st
 
     def _deny_response(self, d: Decision) -> http.Response:
         if d.code is ReasonCode.RATE_LIMITED:

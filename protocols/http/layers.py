@@ -25,7 +25,7 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import commands, events, layer
-from mitmproxy.proxy.layers import websocket
+from mitmproxy.proxy.layers import TCPLayer, websocket
 from mitmproxy.proxy.layers.http import (
     DropStream,
     HttpErrorHook,
@@ -95,6 +95,42 @@ class Reject(layer.Layer):
                 yield commands.SendData(self.context.client, self.payload)
             yield commands.CloseConnection(self.context.client)
         # every later event (data still in flight, the close) is ignored
+
+
+class SplicedTunnel(TCPLayer):
+    """Guest TLS spliced to the upstream, never decrypted (mitmproxy's TCPLayer with no flow and
+    no message history), counting bytes each way for the audit record written when it ends."""
+
+    def __init__(self, context: Any, on_end: Callable[[int, int, str], None]) -> None:
+        super().__init__(context, ignore=True)
+        self.on_end = on_end
+        self.bytes_in = 0  # guest -> upstream
+        self.bytes_out = 0
+        self.reported = False
+
+    def _report(self, error: str = "") -> None:
+        if not self.reported:
+            self.reported = True
+            self.on_end(self.bytes_in, self.bytes_out, error)
+
+    @expect(events.Start)
+    def start(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super().start(event)
+        if self._handle_event == self.done:  # the upstream connection failed
+            self._report(self.context.server.error or "cannot connect to upstream")
+
+    _handle_event = start
+
+    @expect(events.DataReceived, events.ConnectionClosed, websocket.WebSocketMessageInjected)
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection == self.context.client:
+                self.bytes_in += len(event.data)
+            else:
+                self.bytes_out += len(event.data)
+        yield from super().relay_messages(event)
+        if self._handle_event == self.done:
+            self._report()
 
 
 class GuestHttp1Server(Http1Server):
@@ -367,5 +403,6 @@ __all__ = [
     "GuestHttp1Server",
     "GuestHttpLayer",
     "Reject",
+    "SplicedTunnel",
     "text_response",
 ]

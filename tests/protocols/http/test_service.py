@@ -200,6 +200,10 @@ async def test_connect_passthrough_guest_sees_nginx_certificate(svc) -> None:
     assert der == lab_cert
     rec = svc.records(protocol="tls", status=200)[-1]
     assert rec["request"] == {"sni": "www.lab.test", "dst": "127.0.7.10"} and rec["rule"] == "lab-tls"
+    closed = await eventually(lambda: len(svc.records(protocol="tls", event="closed")) >= 2
+                              and svc.records(protocol="tls", event="closed"))
+    assert all(c["bytes_in"] > 200 and c["bytes_out"] > 500 for c in closed)  # ClientHello / certificate
+    assert closed[-1]["upstream"]["address"] == "127.0.7.10:443"
 
 
 async def test_connect_denied_403_and_sni_mismatch_closed(svc) -> None:
