@@ -351,3 +351,20 @@ async def test_reload_keeps_open_connections(svc, tmp_path) -> None:
         await conn.send("after")
         assert await conn.recv() == "after"  # the established WebSocket survives the reload
     assert (await curl(*proxy(svc), "http://www.lab.test/echo")).status == 403  # new requests: new policy
+
+
+async def test_hook_failure_fails_closed(svc) -> None:
+    class BrokenEngine:
+        """A fake: the real Engine never raises for a request; this stands in for a bug in a hook."""
+
+        def decide(self, *args: object) -> None:
+            raise RuntimeError("boom")
+
+    svc.service.ctx.engine = BrokenEngine()
+    before = len(svc.lab.log("main"))
+    res = await curl(*proxy(svc), "http://www.lab.test/echo")
+    assert res.status == 500 and "fail closed" in res.body
+    res = await curl(*proxy(svc), "--cacert", str(svc.lab.ca_pem), "https://www.lab.test/echo")
+    assert res.rc != 0  # CONNECT refused as well
+    assert len(svc.lab.log("main")) == before  # nothing left the proxy
+    assert svc.service.health()["hook_failures"] == 2
