@@ -6,9 +6,11 @@ opening UDP sockets that receive TPROXY'd datagrams (`IP_TRANSPARENT` set before
 so the guest's client accepts the answer.
 Must not: decide anything or parse protocols; services call these and keep their own logic.
 
-Facts (FIELD-NOTES): IP_TRANSPARENT needs CAP_NET_ADMIN/CAP_NET_RAW when set, so these sockets
-are created in `start()`, before the worker drops root; reply sockets are created then too, lazily
-afterwards only while the capability is kept (systemd AmbientCapabilities in the VM image).
+Facts (FIELD-NOTES): IP_TRANSPARENT needs CAP_NET_ADMIN/CAP_NET_RAW when set, so the listening
+sockets are created in `start()`, before the worker drops root. Replies normally leave through the
+listening socket itself (IP_PKTINFO source address), which needs no capability afterwards; only a
+listener on another port than the guest used needs extra per-address sockets (`ReplyFrom`), and
+those work only while CAP_NET_ADMIN is kept (systemd AmbientCapabilities in the VM image).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_ORIGDSTADDR = 74
 IPV6_RECVORIGDSTADDR = 74
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
@@ -165,13 +168,23 @@ class TransparentUDP:
         if out is None:
             return
         try:
-            local = self.sock.getsockname()[:2]
-            if orig is not None and tuple(orig) != tuple(local):
-                self.reply.sendto(out, src, orig)
-            else:
-                self.sock.sendto(out, src)
+            self.send_reply(out, src, orig)
         except OSError:
             pass
+
+    def send_reply(self, data: bytes, dst: Address, orig: Address | None) -> None:
+        """Send `data` to the guest from its original destination. When the original port is our
+        own port (53/161/162 steered to listeners on the same ports), the listening socket itself
+        sends with IP_PKTINFO naming the source address: the socket's IP_TRANSPARENT flag, set
+        before privileges were dropped, allows a non-local source without any capability now."""
+        local = self.sock.getsockname()[:2]
+        if orig is None or tuple(orig) == tuple(local):
+            self.sock.sendto(data, dst)
+        elif orig[1] == local[1] and self.sock.family == socket.AF_INET:
+            pktinfo = struct.pack("=I4s4s", 0, socket.inet_aton(orig[0]), b"\0" * 4)
+            self.sock.sendmsg([data], [(socket.SOL_IP, IP_PKTINFO, pktinfo)], 0, dst)
+        else:
+            self.reply.sendto(data, dst, orig)
 
     def close(self) -> None:
         if self._loop is not None:

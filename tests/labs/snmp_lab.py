@@ -65,17 +65,26 @@ def client_env(workdir: Path) -> dict[str, str]:
     return dict(os.environ, SNMP_PERSISTENT_DIR=str(d), SNMPCONFPATH=str(d), MIBS="", MIBDIRS=str(d))
 
 
-def run_tool(workdir: Path, argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run a net-snmp command-line tool (numeric output, no MIBs, private persistent dir)."""
-    return subprocess.run(argv, env=client_env(workdir), capture_output=True, text=True, timeout=timeout)
+def netns_prefix(netns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def run_tool(workdir: Path, argv: list[str], timeout: float = 30.0, netns: str | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    """Run a net-snmp command-line tool (numeric output, no MIBs, private persistent dir),
+    optionally inside a network namespace."""
+    return subprocess.run(netns_prefix(netns) + argv, env=client_env(workdir), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 class SnmpAgent:
     """A net-snmp `snmpd` that knows only the given SNMPv3 users (authPriv), on host:port/udp."""
 
     def __init__(self, workdir: Path, host: str, port: int, users: list[V3User], *,
-                 engine_id: str | None = "0x80001f8880c0ffee0001", extra_conf: str = ""):
+                 engine_id: str | None = "0x80001f8880c0ffee0001", extra_conf: str = "",
+                 netns: str | None = None):
         self.dir = Path(workdir) / f"snmpd-{host}-{port}"
+        self.netns = netns  # run (and probe) inside this network namespace
         self.host, self.port, self.users, self.engine_id = host, port, users, engine_id
         self.extra_conf = extra_conf
         self.daemon: Daemon | None = None
@@ -109,9 +118,9 @@ class SnmpAgent:
         env = {"SNMP_PERSISTENT_DIR": str(persist), "SNMPCONFPATH": f"{self.dir}:{persist}", "MIBS": "",
                "MIBDIRS": str(self.dir)}
         self.daemon = Daemon(
-            ["/usr/sbin/snmpd", "-f", "-Lf", str(self.dir / "snmpd.log"),
+            [*netns_prefix(self.netns), "/usr/sbin/snmpd", "-f", "-Lf", str(self.dir / "snmpd.log"),
              "-p", str(self.dir / "snmpd.pid")],
-            ready=lambda: wait_port(self.host, self.port, "udp", timeout=0.2) or True,
+            ready=(lambda: True) if self.netns else (lambda: wait_port(self.host, self.port, "udp", timeout=0.2) or True),
             log=self.dir / "stdout.log", env=env, timeout=20,
         ).start()
         # snmpd binds before it has read its users; wait until a v3 query works
@@ -140,7 +149,7 @@ class SnmpAgent:
 
     def tool(self, tool: str, user: V3User, *args: str) -> subprocess.CompletedProcess[str]:
         return run_tool(self.dir, [tool, *user.cli_args(), "-On", "-Oe", "-r", "1", "-t", "2",
-                                   self.address, *args])
+                                   self.address, *args], netns=self.netns)
 
     def get(self, oid: str, user: V3User) -> subprocess.CompletedProcess[str]:
         return self.tool("snmpget", user, oid)
@@ -150,8 +159,10 @@ class TrapReceiverLab:
     """A net-snmp `snmptrapd` accepting only SNMPv3 authPriv from the given users.
     `sender_engine_id` (hex, no 0x) is the trap sender's engine ID (v3 TRAPs need it; INFORMs don't)."""
 
-    def __init__(self, workdir: Path, host: str, port: int, users: list[V3User], *, sender_engine_id: str):
+    def __init__(self, workdir: Path, host: str, port: int, users: list[V3User], *, sender_engine_id: str,
+                 netns: str | None = None):
         self.dir = Path(workdir) / f"snmptrapd-{host}-{port}"
+        self.netns = netns
         self.host, self.port, self.users = host, port, users
         self.sender_engine_id = sender_engine_id
         self.daemon: Daemon | None = None
@@ -176,9 +187,9 @@ class TrapReceiverLab:
         conf.write_text("\n".join(lines) + "\n")
         env = {"SNMP_PERSISTENT_DIR": str(persist), "MIBS": "", "MIBDIRS": str(self.dir)}
         self.daemon = Daemon(
-            ["/usr/sbin/snmptrapd", "-f", "-C", "-c", str(conf), "-On", "-Lf", str(self.log),
+            [*netns_prefix(self.netns), "/usr/sbin/snmptrapd", "-f", "-C", "-c", str(conf), "-On", "-Lf", str(self.log),
              "-F", "TRAP %P|%b|%V~%v\n", "-p", str(self.dir / "snmptrapd.pid"), f"udp:{self.host}:{self.port}"],
-            ready=lambda: wait_port(self.host, self.port, "udp", timeout=0.2) or True,
+            ready=(lambda: True) if self.netns else (lambda: wait_port(self.host, self.port, "udp", timeout=0.2) or True),
             log=self.dir / "stdout.log", env=env, timeout=20,
         ).start()
         time.sleep(0.3)  # it binds before reading users

@@ -131,6 +131,9 @@ ECHO_SERVER = textwrap.dedent(
     async def main():
         t = TransparentUDP("198.18.0.1", 53, handler); t.start()
         srv = await asyncio.start_server(tcp, "198.18.0.1", 53)
+        # like a worker: drop root after binding; replies must still leave from the original address
+        import os
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
         print("ready", flush=True)
         await asyncio.sleep(30)
     asyncio.run(main())
