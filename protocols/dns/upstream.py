@@ -29,6 +29,7 @@ from protocols.dns.settings import DNSSettings, UpstreamSettings
 
 _U16 = struct.Struct("!H")
 MAX_PENDING = 4096  # queries outstanding on one connection
+_SWEEP = 0.05  # how often a connection looks for queries past their deadline
 _SPREAD = 8  # open another connection when the least busy one has this many queries outstanding
 
 
@@ -120,7 +121,8 @@ class _Connection(asyncio.Protocol):
         self.up = upstream
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
+        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes, float]] = {}  # id -> (answer, question, deadline)
+        self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
         self.tls = ""
         self.resumed = False
@@ -153,7 +155,9 @@ class _Connection(asyncio.Protocol):
         if self._idle:
             self._idle.cancel()
         err = UpstreamFailure("closed", f"connection closed{': ' + str(exc) if exc else ''}", self.up.address)
-        for fut, _ in self.pending.values():
+        if self._sweeper:
+            self._sweeper.cancel()
+        for fut, _, _ in self.pending.values():
             if not fut.done():
                 fut.set_exception(err)
         self.pending.clear()
@@ -168,7 +172,7 @@ class _Connection(asyncio.Protocol):
         item = self.pending.pop(qid, None)
         if item is None:
             return  # a late answer to a query we gave up on
-        fut, question = item
+        fut, question, _ = item
         if fut.done():
             return
         if not frame[2] & wire.QR or frame[12 : 12 + len(question)].lower() != question:
@@ -202,7 +206,9 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
-    def send(self, query: bytearray, question: bytes) -> tuple[int, asyncio.Future[bytes]]:
+    def send(self, query: bytearray, question: bytes, deadline: float) -> tuple[int, asyncio.Future[bytes]]:
+        """Send one query; its future fails with TimeoutError once `deadline` (loop time) passes.
+        One sweeping timer per connection instead of a timer per query."""
         if self.closed or self.transport is None or self.transport.is_closing():
             raise UpstreamFailure("closed", "connection closed", self.up.address)
         if len(self.pending) >= MAX_PENDING:
@@ -213,7 +219,9 @@ class _Connection(asyncio.Protocol):
                 break
         struct.pack_into("!H", query, 0, qid)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.pending[qid] = (fut, question)
+        self.pending[qid] = (fut, question, deadline)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(_SWEEP, self._sweep)
         if self._idle:
             self._idle.cancel()
             self._idle = None
@@ -224,14 +232,27 @@ class _Connection(asyncio.Protocol):
         self._outbox.append(_U16.pack(len(query)) + bytes(query))
         return qid, fut
 
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        late = [qid for qid, (_, _, deadline) in self.pending.items() if deadline <= now]
+        for qid in late:
+            fut = self.pending.pop(qid)[0]
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+        if self.pending and not self.closed:
+            self._sweeper = self.loop.call_later(_SWEEP, self._sweep)
+        elif not self.pending and not self.closed:
+            self._arm_idle()
+
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(out))
 
     def forget(self, qid: int) -> None:
-        self.pending.pop(qid, None)
-        if not self.pending and not self.closed:
+        """Drop a query the caller gave up on (answered ones are already gone)."""
+        if self.pending.pop(qid, None) is not None and not self.pending and not self.closed:
             self._arm_idle()
 
     def abort(self, why: str) -> None:
@@ -339,25 +360,23 @@ class Upstream:
             self.conns.remove(conn)
 
     async def query(self, query: bytearray, question: bytes, budget: float) -> UpstreamAnswer:
-        """One attempt within `budget` seconds. On the common path (a live connection) no task is
-        created: the answer future itself is awaited with a timeout. When every connection is
-        busy, another is opened in the background (up to `limits.upstream_connections`): one
-        server may work through one connection's queries only a few at a time."""
-        t0 = time.monotonic()
+        """One attempt within `budget` seconds (TimeoutError after). On the common path (a live
+        connection) this creates no task and no timer of its own. When every connection is busy,
+        another is opened in the background (up to `limits.upstream_connections`): one server may
+        work through one connection's queries only a few at a time."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         conn = self.conn
         if conn is None:
             conn = await asyncio.wait_for(self.connection(), budget)
-            budget -= time.monotonic() - t0
-            if budget <= 0:
-                raise TimeoutError
         elif len(conn.pending) >= _SPREAD and len(self.conns) < self.max_conns and self._connecting is None:
             self._open()
-        qid, fut = conn.send(query, question)
+        qid, fut = conn.send(query, question, t0 + budget)
         try:
-            frame = await asyncio.wait_for(fut, budget)
+            frame = await fut
         finally:
             conn.forget(qid)
-        rtt = time.monotonic() - t0
+        rtt = loop.time() - t0
         self.srtt = rtt if not self.srtt else 0.8 * self.srtt + 0.2 * rtt
         self.answers += 1
         return UpstreamAnswer(frame, self.address, self.s.name, conn.tls, conn.resumed)
@@ -433,8 +452,8 @@ class UpstreamPool:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise PoolFailure(failures or [UpstreamFailure("timeout", "no time left", u.address)])
-                budget = min(remaining, per_try + (0 if u.conn and not u.conn.closed else self.connect_budget))
-                reused = u.conn is not None and not u.conn.closed
+                reused = u.conn is not None
+                budget = min(remaining, per_try + (0 if reused else self.connect_budget))
                 try:
                     ans = await u.query(wire.upstream_query(question, cd=cd, do=do), question, budget)
                 except TimeoutError:
