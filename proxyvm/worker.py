@@ -63,6 +63,11 @@ def drop_privileges(user: str | None, log: logging.Logger) -> None:
     """After binding: become `user` (no supplementary groups). No-op when not root or no user."""
     if os.getuid() != 0 or not user:
         return
+    # Codecs and modules that the standard library loads lazily (name resolution needs idna)
+    # must be loaded while their files are still readable: an interpreter installed under a
+    # private home (pyenv in /root) is unreadable to the service user.
+    "localhost".encode("idna")
+    import encodings.idna  # noqa: F401
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
