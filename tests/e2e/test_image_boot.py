@@ -318,6 +318,19 @@ class Booted:
     with_gateway: bool
     ca_pem: Path
     anchor: Path
+    drive_id: str = "cfgdev"
+    drives: int = 1
+
+    def swap_drive(self, image: Path) -> None:
+        """Unplug the current config drive and plug `image` in, as `virsh detach/attach-disk` do."""
+        self.qmp.cmd("device_del", id=self.drive_id)
+        self.qmp.wait_event("DEVICE_DELETED", 60)
+        self.drives += 1
+        node, dev = f"cfg{self.drives}", f"cfgdev{self.drives}"
+        self.qmp.cmd("blockdev-add", **{"node-name": node, "driver": "raw", "read-only": True,
+                                        "file": {"driver": "file", "filename": str(image), "read-only": True}})
+        self.qmp.cmd("device_add", driver="virtio-blk-pci", drive=node, id=dev)
+        self.drive_id = dev
 
     def console(self) -> str:
         return self.serial.read_text(errors="replace")
@@ -457,11 +470,7 @@ def test_policy_change_by_hotplugging_a_new_config_drive(vm: Booted) -> None:
     assert "status: NOERROR" in vm.dig("blocked.lab.test").stdout
     mark = len(vm.console())
     drive2 = config_drive(vm.workdir / "drive2", vm.ca_pem, vm.anchor, RULES_BLOCK, vm.with_dns, vm.with_gateway)
-    vm.qmp.cmd("device_del", id="cfgdev")
-    vm.qmp.wait_event("DEVICE_DELETED", 60)
-    vm.qmp.cmd("blockdev-add", **{"node-name": "cfg2", "driver": "raw", "read-only": True,
-                                  "file": {"driver": "file", "filename": str(drive2), "read-only": True}})
-    vm.qmp.cmd("device_add", driver="virtio-blk-pci", drive="cfg2", id="cfgdev2")
+    vm.swap_drive(drive2)
     vm.wait_console(r"proxyvm-config: applied config drive", 180, start=mark)
     vm.wait_console(r"proxyvm-config: proxyvm: reload done", 60, start=mark)
     deadline = time.monotonic() + 60
@@ -469,6 +478,38 @@ def test_policy_change_by_hotplugging_a_new_config_drive(vm: Booted) -> None:
         assert time.monotonic() < deadline, f"policy not reloaded:\n{r.stdout}\n{vm.tail()}"
         time.sleep(1)
     assert "status: NOERROR" in vm.dig("www.lab.test").stdout  # still serving: reloaded, not dropped
+
+
+def test_invalid_config_drive_is_rejected_and_previous_config_kept(vm: Booted) -> None:
+    vm.wait_console(r"proxyvm-status: service=", BOOT_TIMEOUT)
+    mark = len(vm.console())
+    bad_rules = RULES_BLOCK.replace("action: deny", "action: deny\n    colour: red")  # unknown key
+    bad = config_drive(vm.workdir / "drive-bad", vm.ca_pem, vm.anchor, bad_rules, vm.with_dns, vm.with_gateway)
+    vm.swap_drive(bad)
+    m = vm.wait_console(r"proxyvm-config: (REJECTED|applied) config drive", 180, start=mark)
+    if not manifest().get("has_cli"):
+        pytest.skip("proxyvm CLI not built yet: nothing validates the drive")
+    assert m.group(1) == "REJECTED", vm.tail()
+    # The check's located error reaches the console, the secrets' content does not.
+    assert re.search(r"proxyvm-config: check: .*rules\.yaml:\d+:\d+", vm.console()[mark:]), vm.tail()
+    assert "BEGIN CERTIFICATE" not in vm.console()
+    if vm.with_dns:  # still serving, with the previous (valid) policy
+        assert "status: NOERROR" in vm.dig("www.lab.test").stdout
+        assert "status: REFUSED" in vm.dig("blocked.lab.test").stdout
+
+
+def test_sidecar_template_has_both_networks_and_the_config_drive() -> None:
+    import xml.etree.ElementTree as ET
+
+    dom = ET.parse(OUT / "proxyvm-sidecar.xml").getroot()
+    ifaces = dom.findall("./devices/interface")
+    assert [i.get("type") for i in ifaces] == ["network", "bridge"]  # eth0 outside, eth1 inside
+    assert all(i.find("model").get("type") == "virtio" for i in ifaces)
+    disks = dom.findall("./devices/disk")
+    assert disks[0].find("driver").get("type") == "qcow2" and disks[0].find("boot").get("order") == "1"
+    assert disks[1].find("readonly") is not None and disks[1].find("boot") is None
+    assert dom.find("./devices/console/target").get("type") == "serial"
+    assert dom.find("./features/acpi") is not None  # virsh shutdown = ACPI power button
 
 
 def test_powers_off_cleanly_and_reports_figures(vm: Booted) -> None:
@@ -490,4 +531,5 @@ def test_powers_off_cleanly_and_reports_figures(vm: Booted) -> None:
     }
     (vm.workdir / "figures.json").write_text(json.dumps(figures))
     print("\nimage boot figures:", json.dumps(figures))
+    print("\n".join(ln for ln in vm.console().splitlines() if "proxyvm-status:" in ln))
     assert figures["qcow2_mib"] < 300
