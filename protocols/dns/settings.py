@@ -102,6 +102,20 @@ def _existing_file(node: Node, what: str) -> Path:
     return p
 
 
+def _check_anchors(node: Node, path: Path) -> None:
+    """A trust-anchor file the validator cannot use is a config error, found by `proxyvm check`."""
+    try:
+        from protocols.dns.dnssec import load_anchor_file
+    except ImportError:  # the validator package is not installed: start-up fails closed instead
+        return
+    try:
+        anchors = load_anchor_file(path)
+    except ValueError as e:
+        raise node.fail(f"unusable trust_anchors: {e}") from None
+    if not anchors:
+        raise node.fail(f"trust_anchors file {path} holds no DS or DNSKEY record")
+
+
 def _listen(node: Node) -> tuple[tuple[str, int], ...]:
     out: list[tuple[str, int]] = []
     for item in node.get_list("listen addresses", allow_scalar=True):
@@ -219,6 +233,7 @@ def parse(node: Node, base: Path) -> DNSSettings:
             kw["ca_file"] = _existing_file(m["ca_file"], "ca_file")
         if "trust_anchors" in m:
             kw["trust_anchors"] = _existing_file(m["trust_anchors"], "trust_anchors")
+            _check_anchors(m["trust_anchors"], kw["trust_anchors"])  # type: ignore[arg-type]
         if "dnssec" in m:
             n = m["dnssec"]
             if n.value is False:

@@ -184,9 +184,12 @@ def _parse(text: str, tmp_path: Path) -> DNSSettings:
     return parse(node.get_map()["dns"], tmp_path)
 
 
+ROOT_DS = ". 86400 IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D\n"
+
+
 def test_settings_full(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("x")
-    (tmp_path / "root.key").write_text("x")
+    (tmp_path / "root.key").write_text(ROOT_DS)
     s = _parse("""
     dns:
       listen: ["127.0.3.1:5353", "[::1]:53", "127.0.3.1"]
@@ -298,3 +301,10 @@ def test_service_audit_record_equals_base_audit_record() -> None:
                             duration_ms=250.0, cache="hit")
     assert audit.records == [expected]
     assert list(audit.records[0]) == list(expected)
+
+
+def test_unusable_trust_anchor_file_is_a_located_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.key").write_text("this is not a DS record\n")
+    with pytest.raises(SourceError) as ei:
+        _parse("dns:\n  trust_anchors: bad.key\n", tmp_path)
+    assert "c.yaml:2:18: unusable trust_anchors" in str(ei.value)
