@@ -236,6 +236,8 @@ class DNSService:
         self.tasks: set[asyncio.Task[None]] = set()
         self._guests: dict[str, str] = {}
         self._parsed: dict[bytes, wire.Query] = {}
+        self._buckets: dict[str, list[float]] = {}
+        self._qps = self.settings.limits.qps
         self._answer_ip = _engine_uses_answer_ip(ctx.engine)
         self.stats: defaultdict[str, int] = defaultdict(int)
         self.clock = time.monotonic
@@ -290,6 +292,7 @@ class DNSService:
         old = self.fw
         keep_cache = old is not None and settings.cache == self.settings.cache
         self.settings = settings
+        self._qps = settings.limits.qps
         if old is not None:
             fw = Forwarder(settings, self.log, clock=self.clock)
             if keep_cache and (settings.dnssec, settings.trust_anchors) == (old.settings.dnssec, old.settings.trust_anchors):
@@ -327,6 +330,21 @@ class DNSService:
         return h
 
     # -- helpers -------------------------------------------------------------------------------
+    def _take_token(self, guest: str, now: float) -> bool:
+        qps = self._qps
+        b = self._buckets.get(guest)
+        if b is None:
+            if len(self._buckets) > 65536:
+                self._buckets.clear()
+            b = self._buckets[guest] = [float(qps), now]
+        else:
+            b[0] = min(float(qps), b[0] + (now - b[1]) * qps)
+            b[1] = now
+        if b[0] < 1.0:
+            return False
+        b[0] -= 1.0
+        return True
+
     def guest_of(self, ip: str) -> str:
         g = self._guests.get(ip)
         if g is None:
@@ -388,6 +406,12 @@ class DNSService:
             send(wire.error_response(data, q, wire.NOTIMP, udp_size=self.settings.edns_udp_size))
             return
         guest = self.guest_of(src[0])
+        if self._qps and not tcp and not self._take_token(guest, t0):
+            # A flood: drop, but answer every second dropped query with TC=1 (like BIND's RRL
+            # "slip") so a real client behind a spoofed flood can still get through over TCP.
+            st["flood_dropped"] += 1
+            send(wire.truncated(data, q, self.settings.edns_udp_size) if st["flood_dropped"] % 2 == 0 else None)
+            return
         fw = self.fw
         assert fw is not None
         entry = fw.cache.get(q.key, t0)

@@ -63,6 +63,7 @@ class LimitSettings:
     tcp_connections: int = 32  # open TCP connections per guest
     tcp_pipeline: int = 64  # queries outstanding on one TCP connection
     upstream_connections: int = 4  # TLS connections per upstream (not per guest), opened on demand
+    qps: int = 0  # UDP queries per second per guest (burst: one second's worth); 0 = unlimited
 
 
 DEFAULT_UPSTREAMS = (
@@ -195,7 +196,7 @@ def _timeouts(node: Node) -> TimeoutSettings:
 def _limits(node: Node) -> LimitSettings:
     d = LimitSettings()
     m = node.get_map(allowed=set(d.__slots__), what="dns.limits")
-    kw = {k: n.int(min=1, max=1_000_000, what=k) for k, n in m.items()}
+    kw = {k: n.int(min=0 if k == "qps" else 1, max=1_000_000, what=k) for k, n in m.items()}
     return LimitSettings(**{**{f: getattr(d, f) for f in d.__slots__}, **kw})
 
 

@@ -367,3 +367,33 @@ async def test_million_name_blocklist_reload_does_not_pause_cached_answers(make_
     # Not paused: no answer waited anything like the whole compile. (Single C-level steps of the
     # name-file loader hold the GIL for up to ~1 s on a loaded 2-core box; that is the slack.)
     assert worst < compile_s / 2, f"a cached answer took {worst:.3f}s during a {compile_s:.1f}s compile"
+
+
+async def test_per_guest_udp_flood_is_bounded(make_proxy, upstream1) -> None:
+    p = await make_proxy(up_yaml(upstream1), "limits: {qps: 50}", guests={"127.0.3.77": "flooder"})
+    assert (await dig(PROXY_IP, p.port, "www.lab.test", "A")).status == "NOERROR"  # other guests unaffected
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.3.77", 0))
+    s.setblocking(False)
+    q = dns.message.make_query("www.lab.test", "A")
+    for i in range(400):
+        q.id = i
+        s.sendto(q.to_wire(), (p.ip, p.port))
+    answers, truncated = 0, 0
+    while True:
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(s, 4096), 0.5)
+        except TimeoutError:
+            break
+        m = dns.message.from_wire(data)
+        if m.flags & dns.flags.TC:
+            truncated += 1
+        else:
+            answers += 1
+    s.close()
+    assert 40 <= answers <= 120, answers  # the burst (50) plus what refilled meanwhile
+    assert truncated >= 100 and p.svc.stats["flood_dropped"] >= 250
+    assert (await dig(PROXY_IP, p.port, "www.lab.test", "A")).status == "NOERROR"
+    flooder = [r for r in p.records() if r["guest"] == "flooder"]
+    assert len(flooder) == answers  # dropped floods are counted, not audited one by one
