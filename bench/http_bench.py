@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,31 +130,40 @@ async def _sampled(sampler: Peak, url: str, host: str, seconds: int) -> dict[str
     return r
 
 
-def measure(name: str, url: str, host: str, pid: int, rounds: int, seconds: int,
-            cpu_pid: int | None = None) -> dict[str, float]:
-    """`pid`: the process tree whose peak RSS counts; `cpu_pid`: the tree whose CPU counts."""
-    cpu_pid = cpu_pid or pid
-    small = []
-    for _ in range(rounds):
-        cpu0 = cpu_seconds(cpu_pid)
-        r = wrk(url + "/files/1k.bin", host, conns=32, seconds=seconds)
-        r["cpu_ms"] = (cpu_seconds(cpu_pid) - cpu0) * 1000 / max(1.0, r["rps"] * seconds)
-        small.append(r)
-    big = []
-    peaks = []
-    for _ in range(rounds):
-        sampler = Peak(pid)
-        big.append(asyncio.run(_sampled(sampler, url + "/files/10m.bin", host, seconds)))
-        peaks.append(sampler.peak)
+@dataclass
+class Front:
+    name: str
+    url: str
+    rss_pid: int  # the tree whose peak RSS counts (the proxy process(es))
+    cpu_pid: int  # the tree whose CPU counts (for proxyvm: supervisor + workers, audit included)
+    small: list[dict[str, float]] = field(default_factory=list)
+    big: list[dict[str, float]] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+
+
+def run_small(f: Front, seconds: int) -> None:
+    cpu0 = cpu_seconds(f.cpu_pid)
+    r = wrk(f.url + "/files/1k.bin", "www.lab.test", conns=32, seconds=seconds)
+    r["cpu_ms"] = (cpu_seconds(f.cpu_pid) - cpu0) * 1000 / max(1.0, r["rps"] * seconds)
+    f.small.append(r)
+
+
+def run_big(f: Front, seconds: int) -> None:
+    sampler = Peak(f.rss_pid)
+    f.big.append(asyncio.run(_sampled(sampler, f.url + "/files/10m.bin", "www.lab.test", seconds)))
+    f.peaks.append(sampler.peak)
+
+
+def summary(f: Front) -> dict[str, float]:
     med = statistics.median
     return {
-        "rps": med(r["rps"] for r in small),
-        "p50": med(r["p50"] for r in small),
-        "p99": med(r["p99"] for r in small),
-        "cpu_ms": med(r["cpu_ms"] for r in small),
-        "mbps": med(r["mbps"] for r in big),
-        "peak_rss_mib": med(peaks) / 1024,
-        "errors": sum(r["non2xx"] for r in small + big),
+        "rps": med(r["rps"] for r in f.small),
+        "p50": med(r["p50"] for r in f.small),
+        "p99": med(r["p99"] for r in f.small),
+        "cpu_ms": med(r["cpu_ms"] for r in f.small),
+        "mbps": med(r["mbps"] for r in f.big),
+        "peak_rss_mib": med(f.peaks) / 1024,
+        "errors": sum(r["non2xx"] for r in f.small + f.big),
     }
 
 
@@ -223,24 +233,15 @@ def main() -> int:
             pid = pvm.worker_pids()["http"]
             return pvm, port, pid
 
+        fronts: list[Front] = []
         pvm, port, pid = start_proxyvm(1)
-        tree_pid = pvm.proc.pid  # supervisor (writes the audit chain) + the HTTP worker
         procs.append(pvm)
-        print(f"proxyvm (1 process) on {FRONT}:{port}, worker pid {pid}", flush=True)
-        results["proxyvm"] = measure("proxyvm", f"http://{FRONT}:{port}", "www.lab.test", pid, a.rounds,
-                                     a.seconds, cpu_pid=tree_pid)
-        ws_growth, ws_base, ws_rate = asyncio.run(ws_stream(FRONT, port, pid, a.ws_mb * 1024 * 1024))
-        pvm.stop()
-        procs.remove(pvm)
-
+        fronts.append(Front("proxyvm", f"http://{FRONT}:{port}", pid, pvm.proc.pid))
+        ws_target = (port, pid)
         if a.workers > 1:
-            pvm, port, pid = start_proxyvm(a.workers)
-            procs.append(pvm)
-            print(f"proxyvm ({a.workers} workers) on {FRONT}:{port}", flush=True)
-            results[f"proxyvm x{a.workers}"] = measure("proxyvm-w", f"http://{FRONT}:{port}", "www.lab.test",
-                                                       pid, a.rounds, a.seconds, cpu_pid=pvm.proc.pid)
-            pvm.stop()
-            procs.remove(pvm)
+            pvm2, port2, pid2 = start_proxyvm(a.workers)
+            procs.append(pvm2)
+            fronts.append(Front(f"proxyvm x{a.workers}", f"http://{FRONT}:{port2}", pid2, pvm2.proc.pid))
 
         mport = free_port(FRONT)
         md = Daemon(
@@ -251,10 +252,7 @@ def main() -> int:
         )
         md.start()
         procs.append(md)
-        results["mitmdump reverse"] = measure("mitmdump", f"http://{FRONT}:{mport}", "www.lab.test", md.pid,
-                                              a.rounds, a.seconds)
-        md.stop()
-        procs.remove(md)
+        fronts.append(Front("mitmdump reverse", f"http://{FRONT}:{mport}", md.pid, md.pid))
 
         nport = free_port(FRONT)
         prefix = work / "front"
@@ -283,8 +281,19 @@ def main() -> int:
                     ready=lambda: wait_port(FRONT, nport, timeout=0.2) or True, log=prefix / "out.log")
         ng.start()
         procs.append(ng)
-        results["nginx proxy_pass"] = measure("nginx", f"http://{FRONT}:{nport}", "www.lab.test", ng.pid,
-                                              a.rounds, a.seconds)
+        fronts.append(Front("nginx proxy_pass", f"http://{FRONT}:{nport}", ng.pid, ng.pid))
+
+        # Rounds interleave the fronts, so a busy neighbour on a shared machine hits all of them alike.
+        for i in range(a.rounds):
+            for f in fronts:
+                print(f"round {i + 1}: {f.name} 1 KB", flush=True)
+                run_small(f, a.seconds)
+            for f in fronts:
+                print(f"round {i + 1}: {f.name} 10 MB", flush=True)
+                run_big(f, a.seconds)
+        results = {f.name: summary(f) for f in fronts}
+        ws_growth, ws_base, ws_rate = asyncio.run(ws_stream(FRONT, ws_target[0], ws_target[1],
+                                                             a.ws_mb * 1024 * 1024))
     finally:
         for p in procs:
             p.stop()
@@ -292,7 +301,8 @@ def main() -> int:
 
     base = results["mitmdump reverse"]
     print()
-    print(f"HTTP benchmark, median of {a.rounds} x {a.seconds}s, {os.cpu_count()} cores, origin nginx TLSv1.3")
+    print(f"HTTP benchmark, median of {a.rounds} interleaved rounds x {a.seconds}s, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}, origin nginx TLSv1.3")
     print(f"{'front':<20}{'1KB req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>11}{'10MB MB/s':>11}{'peak RSS MiB':>14}"
           f"{'req/s vs mitmdump':>19}{'MB/s vs mitmdump':>18}{'errors':>8}")
     for name, r in results.items():

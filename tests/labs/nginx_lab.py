@@ -36,7 +36,7 @@ from tests.labs.proc import Daemon, free_port, wait_port
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 LOG_FORMAT = (
     "log_format lab '$remote_addr \"$request\" $status $body_bytes_sent "
-    "ssl=$ssl_protocol sni=$ssl_server_name host=$http_host';"
+    "ssl=$ssl_protocol sni=$ssl_server_name host=$http_host port=$server_port';"
 )
 
 
