@@ -4,6 +4,8 @@
 # p50/p99 latency at a fixed rate; median of 3 interleaved rounds, ratios from the same run.
 # Needs: unbound, stubby, dnsperf (Debian packages; see .ci/packages-dns.txt). Run as root.
 #   bench/dns.sh [--seconds 8] [--runs 3] [--only proxyvm,unbound,stubby] [--latency-rate 2000]
+#   bench/dns.sh --validate    # DNSSEC on: proxyvm vs a validating Unbound over the signed test lab
+#                              # (tests/labs/dnssec_lab.py on 127.0.4.x; needs nsd and bind9-utils too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-/tmp/pvenv/bin/python}"
