@@ -232,3 +232,40 @@ async def test_reload_swaps_upstreams_and_keeps_cache(make_proxy, upstream1, lab
         assert p.records()[-1]["upstream"]["address"] == f"{other.address}:853"
     finally:
         other.stop()
+
+
+async def test_stalled_upstream_in_flight_queries_retried_elsewhere(make_proxy, upstream1, lab_dir: Path,
+                                                                    lab_ca: LabCA) -> None:
+    """SIGSTOP the preferred upstream with queries in flight: each is retried on the other one
+    within the guest's patience, and the stalled one leaves rotation."""
+    import os
+    import signal
+
+    vip = pick_ip()
+    victim = start_unbound(lab_dir, lab_ca, vip, name="dot3.lab.test")
+    try:
+        p = await make_proxy(up_yaml(victim) + "\n" + up_yaml(upstream1),
+                             "timeouts: {upstream: 300ms, query: 3s, probe: 1h}")
+        assert (await dig(PROXY_IP, p.port, "www.lab.test", "A")).status == "NOERROR"
+        assert p.records()[-1]["upstream"]["address"] == f"{vip}:853"
+        os.kill(victim.daemon.pid, signal.SIGSTOP)
+        base = time.time_ns()
+        t0 = time.monotonic()
+        rs = await asyncio.gather(*(
+            dns.asyncquery.udp(dns.message.make_query(f"st{base}-{i}.wild.test", "A"), p.ip, port=p.port, timeout=5)
+            for i in range(20)
+        ))
+        elapsed = time.monotonic() - t0
+        assert all(r.rcode() == 0 for r in rs)
+        assert elapsed < 2.0, elapsed  # one 300 ms attempt on the stalled upstream, then the other
+        assert {x["upstream"]["address"] for x in p.records()[1:]} == {f"{upstream1.address}:853"}
+        h = {u["address"]: u for u in p.svc.health()["upstreams"]}
+        assert h[f"{vip}:853"]["state"] == "down" and "timeout" in h[f"{vip}:853"]["last_error"]
+        # later queries go straight to the healthy upstream
+        t0 = time.monotonic()
+        r = await dns.asyncquery.udp(dns.message.make_query(f"after{base}.wild.test", "A"), p.ip, port=p.port,
+                                     timeout=5)
+        assert r.rcode() == 0 and time.monotonic() - t0 < 0.25
+    finally:
+        os.kill(victim.daemon.pid, signal.SIGCONT)
+        victim.stop()
