@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from protocols.smtp.settings import RelayAuth
 
-_DOT = re.compile(rb"^\.", re.MULTILINE)
 MAX_REPLY_LINES = 100
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """RFC 5321 §4.5.2 transparency. Spooled messages have CRLF line ends only (bare CR/LF are
+    refused at DATA; our DSNs are built with CRLF), so a plain replace is exact."""
+    if message.startswith(b"."):
+        message = b"." + message
+    return message.replace(b"\r\n.", b"\r\n..")
 
 
 class DeliveryError(Exception):
@@ -277,7 +283,7 @@ class Session:
         if r.code != 354:
             await self._rset()
             return mail_reply, rcpt_replies, r
-        body = _DOT.sub(b"..", message)
+        body = dot_stuff(message)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         await self.send(body + b".\r\n")

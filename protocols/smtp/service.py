@@ -44,8 +44,15 @@ _DEFAULT_ENH = {
     550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
 }
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r\n(?![ \t])", re.IGNORECASE | re.MULTILINE | re.DOTALL)
-_UNSTUFF = re.compile(rb"^\.", re.MULTILINE)
-_LONG_LINE = re.compile(rb"[^\r\n]{1000}")  # 998 octets + a transparency dot is the most a line may hold
+
+
+def unstuff(data: bytes) -> bytes:
+    """RFC 5321 §4.5.2 transparency, undone (input has CRLF line ends only)."""
+    if data.startswith(b"."):
+        data = data[1:]
+    return data.replace(b"\r\n.", b"\r\n")
+
+
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -104,6 +111,45 @@ class Transaction(AioEnvelope):
         self.decisions: list[Any] = []
 
 
+class _DataSink:
+    """Collects DATA bytes up to CRLF.CRLF (or a leading ".CRLF": an empty message). Past `cap`
+    it keeps only the last 4 bytes (enough to see the terminator) and remembers it was too big."""
+
+    __slots__ = ("buf", "cap", "done", "head_checked", "leftover", "too_big")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cap: int):
+        self.buf = bytearray()
+        self.cap = cap
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.head_checked = False
+        self.too_big = False
+        self.leftover = b""
+
+    def feed(self, data: bytes) -> None:
+        if self.done.done():
+            self.leftover += data
+            return
+        prev = len(self.buf)
+        self.buf += data
+        end = term = -1
+        if not self.head_checked and len(self.buf) >= 3:
+            self.head_checked = True
+            if self.buf[:3] == b".\r\n":
+                end, term = 0, 3
+        if end < 0:
+            idx = self.buf.find(b"\r\n.\r\n", max(0, prev - 4))
+            if idx >= 0:
+                end, term = idx + 2, idx + 5
+        if end >= 0:
+            self.leftover = bytes(self.buf[term:])
+            del self.buf[end:]
+            self.done.set_result(None)
+        elif self.cap and len(self.buf) > self.cap:
+            self.too_big = True
+            self.head_checked = True
+            del self.buf[:-4]
+
+
 class GuestSMTP(AioSMTP):
     """aiosmtpd with the strictness a relay in front of the Internet needs."""
 
@@ -126,6 +172,7 @@ class GuestSMTP(AioSMTP):
         self._continued: list[str] = []
         self._in_data = False
         self._last_rx = 0.0
+        self._data_sink: _DataSink | None = None
 
     def _construct(self, handler: GuestHandler, settings: SMTPSettings, **kw: Any) -> None:
         super().__init__(
@@ -202,7 +249,10 @@ class GuestSMTP(AioSMTP):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
-        super().data_received(data)
+        if self._data_sink is not None:
+            self._data_sink.feed(data)  # message bytes bypass the line reader (see smtp_DATA)
+        else:
+            super().data_received(data)
 
     def _timeout_cb(self) -> None:
         if self._in_data:
@@ -214,41 +264,6 @@ class GuestSMTP(AioSMTP):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(b"421 4.4.2 " + self.hostname.encode() + b" Error: timeout exceeded\r\n")
         AioSMTP._timeout_cb(self)
-
-    async def _read_data(self) -> tuple[bytes, bool] | None:
-        """Read DATA up to CRLF.CRLF in large chunks (bytes after it go back to the reader for
-        pipelined commands). Returns (dot-stuffed body ending in CRLF or empty, too_big), or None
-        when the guest went away."""
-        reader = self._reader
-        limit = self.data_size_limit or 0
-        cap = limit + 4096 if limit else 0
-        buf = bytearray()
-        too_big = False
-        head_checked = False
-        while True:
-            prev = len(buf)
-            chunk = await reader.read(65536)
-            if not chunk:
-                return None
-            buf += chunk
-            end = term = -1
-            if not head_checked and len(buf) >= 3:
-                head_checked = True
-                if buf[:3] == b".\r\n":  # an empty message
-                    end, term = 0, 3
-            if end < 0:
-                idx = buf.find(b"\r\n.\r\n", max(0, prev - 4))
-                if idx >= 0:
-                    end, term = idx + 2, idx + 5
-            if end >= 0:
-                if term < len(buf):  # pipelined commands after the final dot
-                    reader._buffer[:0] = buf[term:]  # noqa: SLF001 - aiosmtpd touches it too
-                del buf[end:]
-                return bytes(buf), too_big
-            if cap and len(buf) > cap:
-                too_big = True  # keep only what could start the terminator
-                del buf[:-4]
-                head_checked = True
 
     async def smtp_DATA(self, arg: str | None) -> None:
         """RFC 5321 §4.1.1.4 DATA: read to CRLF.CRLF with the data-block timeout, then refuse bare
@@ -268,30 +283,41 @@ class GuestSMTP(AioSMTP):
         self._in_data = True
         self._last_rx = self.loop.time()
         self._reset_timeout(self.settings.timeouts.data)
-        # StreamReader pauses the socket whenever it buffers 2x its limit (1001, for command lines):
-        # for bulk data that is a pause/resume syscall pair every 2 KB. Widen it while in DATA.
-        saved_limit = self._reader._limit  # noqa: SLF001
-        self._reader._limit = 65536  # noqa: SLF001
+        # The message goes straight from data_received into a buffer that looks for CRLF.CRLF:
+        # no coroutine wake-up per TCP segment (guests often write line by line).
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        sink = _DataSink(self.loop, limit + 4096 if limit else 0)
+        already = bytes(reader._buffer)  # noqa: SLF001 - bytes that arrived with or before the 354
+        reader._buffer.clear()  # noqa: SLF001
+        reader._maybe_resume_transport()  # noqa: SLF001
+        self._data_sink = sink
         try:
-            got = await self._read_data()
+            if already:
+                sink.feed(already)
+            await sink.done
         finally:
+            self._data_sink = None
             self._in_data = False
-            self._reader._limit = saved_limit  # noqa: SLF001
-        if got is None:
-            return  # the guest went away mid-DATA: nothing stored, nothing acknowledged
+        if sink.leftover:  # pipelined commands after the final dot go back to the command reader
+            reader.feed_data(sink.leftover)
+        got = (bytes(sink.buf), sink.too_big)
         self._reset_timeout()
         stuffed, too_big = got
-        limit = self.data_size_limit or 0
-        body = _UNSTUFF.sub(b"", stuffed) if b"\n." in stuffed or stuffed.startswith(b".") else stuffed
         problem = ""
-        if too_big or (limit and len(body) > limit):
+        if too_big or (limit and len(stuffed) > limit + stuffed.count(b"\r\n.") + 1):
             problem = f"552 5.3.4 Error: message exceeds the size limit of {limit} bytes"
-        elif _LONG_LINE.search(stuffed):
+        elif len(stuffed) > 1000 and max(map(len, stuffed.split(b"\r\n"))) > 999:
             problem = "500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6: 1000 octets)"
         elif stuffed.count(b"\r") != stuffed.count(b"\r\n") or stuffed.count(b"\n") != stuffed.count(b"\r\n"):
             problem = "554 5.6.0 Error: bare CR or LF in message (RFC 5321 2.3.8)"
         elif b"\x00" in stuffed:
             problem = "554 5.6.0 Error: NUL byte in message"
+        body = b""
+        if not problem:
+            body = unstuff(stuffed)  # CRLF-only here, so a plain replace is exact
+            if limit and len(body) > limit:
+                problem = f"552 5.3.4 Error: message exceeds the size limit of {limit} bytes"
         if problem:
             self._set_post_data_state()
             await self.push(problem)

@@ -146,6 +146,15 @@ class Running:
             await asyncio.sleep(0.05)
         return self.records(**match)
 
+    async def wait_spool_empty(self, timeout: float = 10.0) -> None:
+        """Delivered entries leave the disk in batches just after their final audit record."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.spool_ids():
+            if loop.time() > deadline:
+                raise TimeoutError(f"spool still holds {self.spool_ids()}")
+            await asyncio.sleep(0.05)
+
     def spool_ids(self) -> list[str]:
         q = self.settings.spool / "queue"
         return sorted(p.stem for p in q.glob("*.msg")) if q.exists() else []
