@@ -391,6 +391,10 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
             "-netdev", f"tap,id=in,ifname={ns.tap_in},script=no,downscript=no",
             "-device", "virtio-net-pci,netdev=in,mac=52:54:00:09:00:02,romfile=",
         )
+        if os.environ.get("PROXYVM_DIRECT_KERNEL"):  # skip SeaBIOS/SYSLINUX; print systemd-analyze blame
+            cmdline = (OUT / "proxyvm-cmdline.txt").read_text().strip() + " proxyvm.debug"
+            argv += ["-kernel", str(OUT / "proxyvm-vmlinuz"), "-initrd", str(OUT / "proxyvm-initrd.img"),
+                     "-append", cmdline]
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdout=open(d / "qemu.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                 start_new_session=True)
@@ -418,7 +422,8 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
 
 # ------------------------------------------------------------------------------------- tests
 def test_boots_through_bootloader_and_applies_config_drive(vm: Booted) -> None:
-    vm.wait_console(r"SYSLINUX", 60)
+    if not os.environ.get("PROXYVM_DIRECT_KERNEL"):
+        vm.wait_console(r"SYSLINUX", 60)
     m = vm.wait_console(r"proxyvm-config: applied config drive \S+ \(sha256 [0-9a-f]+\): (\d+) files", BOOT_TIMEOUT)
     assert int(m.group(1)) == 4  # proxyvm.yaml, rules.yaml, lab-ca.pem, lab-anchor.txt
     vm.wait_console(r"proxyvm-status: service=", BOOT_TIMEOUT)
