@@ -58,7 +58,7 @@ def qtype_text(t: int) -> str:
 def rcode_text(r: int) -> str:
     s = _rcode_text.get(r)
     if s is None:
-        s = _rcode_text[r] = dns.rcode.to_text(r)  # type: ignore[arg-type]
+        s = _rcode_text[r] = dns.rcode.to_text(dns.rcode.Rcode.make(r))
     return s
 
 
@@ -374,6 +374,13 @@ class DNSService:
         if obs is not None:
             obs("dns", guest, verdict, d.rule, dt)
 
+    def _audit_error(self, src: tuple[Any, ...], t0: float, rcode: int, why: str, q: wire.Query | None = None) -> None:
+        """A query refused for its form (FORMERR, NOTIMP, BADVERS) is a decision too: audited."""
+        qname = wire.qname_text(q.qname) if q is not None and q.qname else ""
+        qtype = qtype_text(q.qtype) if q is not None and q.qname else ""
+        d = _builtin(Verdict.DENY, "dns-builtin", why)
+        self._audit(d, self.guest_of(src[0]), src, qname, qtype, t0, rcode=rcode)
+
     # -- the query pipeline --------------------------------------------------------------------
     def handle(self, data: bytes, src: tuple[Any, ...], send: Send, tcp: bool) -> None:
         """Answer one guest query (synchronously for cache hits and errors)."""
@@ -390,9 +397,10 @@ class DNSService:
                 st["dropped_malformed"] += 1
                 send(None)
                 return
-            except wire.FormErr:
+            except wire.FormErr as e:
                 st["formerr"] += 1
                 send(wire.error_response(data, None, wire.FORMERR))
+                self._audit_error(src, t0, wire.FORMERR, f"malformed query: {e}")
                 return
             if len(self._parsed) >= _PARSED_MAX:
                 self._parsed.clear()
@@ -400,10 +408,12 @@ class DNSService:
         if q.badvers:
             st["badvers"] += 1
             send(wire.badvers_response(data, q, self.settings.edns_udp_size))
+            self._audit_error(src, t0, 16, "EDNS version other than 0", q)
             return
         if q.opcode != 0:
             st["notimp"] += 1
             send(wire.error_response(data, q, wire.NOTIMP, udp_size=self.settings.edns_udp_size))
+            self._audit_error(src, t0, wire.NOTIMP, f"opcode {q.opcode} is not implemented", q)
             return
         guest = self.guest_of(src[0])
         if self._qps and not tcp and not self._take_token(guest, t0):

@@ -298,6 +298,12 @@ async def test_protocol_errors(make_proxy, upstream1) -> None:
     assert dns.message.from_wire(await ask(good)).rcode() == dns.rcode.NOERROR
     s.close()
     assert p.svc.stats["dropped_malformed"] == 2 and p.svc.stats["formerr"] == 2
+    errors = [(r["rcode"], r["rule"], r["verdict"], r["reason"]) for r in p.records() if r["rcode"] != "NOERROR"]
+    assert errors == [
+        ("FORMERR", "dns-builtin", "deny", "malformed query: question runs past the end"),
+        ("FORMERR", "dns-builtin", "deny", "malformed query: QDCOUNT is 2"),
+        ("NOTIMP", "dns-builtin", "deny", "opcode 2 is not implemented"),
+    ]
 
 
 async def test_axfr_refused_and_any_minimal(make_proxy, upstream1) -> None:
