@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("-s", type=int, default=20, help="concurrent sessions")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="2048,10240")
+    ap.add_argument("--only", choices=["postfix", "proxyvm"], help="measure one contender (profiling)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     d = Path(tempfile.mkdtemp(prefix="pvm-smtp-bench-", dir="/tmp"))
@@ -123,7 +124,10 @@ def main() -> int:
     pvm.start()
     try:
         for size in sizes:
-            for name, target in (("postfix relay (verify)", f"{RELAY_IP}:25"), ("proxyvm", f"{PROXY_IP}:{port}")):
+            contenders = [("postfix relay (verify)", f"{RELAY_IP}:25"), ("proxyvm", f"{PROXY_IP}:{port}")]
+            if args.only:
+                contenders = [c for c in contenders if c[0].startswith(args.only)]
+            for name, target in contenders:
                 for i in range(args.runs):
                     acc, dlv = run_one(sink, target, args.n, size, args.s)
                     results.setdefault((name, size), []).append((acc, dlv))
@@ -136,6 +140,8 @@ def main() -> int:
     print()
     print(f"{args.n} messages x {args.runs} runs, {args.s} concurrent sessions, medians (msgs/s)")
     print(f"{'size':>6}  {'contender':<24} {'accepted':>9} {'delivered':>10}")
+    if args.only:
+        return 0
     for size in sizes:
         med = {}
         for name in ("postfix relay (verify)", "proxyvm"):

@@ -1,1 +1,2 @@
-"""smtp service."""
+"""SMTP service: plain SMTP from guests, a durable spool, delivery only over verified TLS
+(STARTTLS/implicit TLS with CA, DANE or MTA-STS authentication). See README.md."""

@@ -270,10 +270,7 @@ class Session:
                     break
         mail_reply = replies[0]
         if not mail_reply.ok:
-            if len(replies) == 1 and len(lines) > 1 and "PIPELINING" not in self.extensions:
-                await self._rset()
-            else:
-                await self._rset()
+            await self._rset()
             return mail_reply, {}, None
         rcpt_replies = dict(zip(rcpts, replies[1:], strict=True))
         if not any(r.ok for r in rcpt_replies.values()):
