@@ -441,6 +441,8 @@ class DNSService:
             st["policy_errors"] += 1
             send(wire.error_response(data, q, wire.SERVFAIL, wire.EDE_OTHER, "policy error",
                                      self.settings.edns_udp_size))
+            d = _builtin(Verdict.DENY, "dns-builtin", "the policy engine failed on this query; failing closed")
+            self._audit(d, guest, src, qname, qtype, t0, rcode=wire.SERVFAIL, ede=wire.EDE_OTHER)
             return
         if not d.allowed:
             if d.code == ReasonCode.RATE_LIMITED:
