@@ -315,6 +315,7 @@ class HTTPService:
         return {
             "state": state,
             "workers": 1 + (self.pool.alive() if self.pool is not None else 0),
+            "worker_restarts": self.pool.restarts if self.pool is not None else 0,
             "connections": conns,
             "refused": self.refused,
             "hook_failures": failures,

@@ -2,7 +2,8 @@
 
 Owns: starting N-1 extra processes that serve the same listening ports, each with its own socket
 (bound by the parent with SO_REUSEPORT before privileges drop, passed as an inherited fd, so the
-kernel spreads connections across processes), the parent<->child channel (a socketpair carrying
+kernel spreads connections across processes), restarting a child that dies (on the same sockets),
+the parent<->child channel (a socketpair carrying
 length-prefixed pickles: audit batches and health up, reload and drain down), dropping the child's
 privileges to the user the parent will become, and children exiting when the parent goes away.
 Must not: write audit records itself (the parent's sink does: one hash chain, one writer), or
@@ -86,19 +87,35 @@ class WorkerHandle:
     proc: asyncio.subprocess.Process
     writer: asyncio.StreamWriter
     reader: asyncio.StreamReader
+    spec: WorkerSpec
+    socks: list[socket.socket]  # the parent keeps them: a restarted child gets the same sockets
     task: asyncio.Task[None] | None = None
     health: dict[str, Any] = field(default_factory=dict)
 
 
 class WorkerPool:
-    """Parent side: spawn, feed and stop the extra processes."""
+    """Parent side: spawn, feed, restart and stop the extra processes.
+
+    The parent keeps its copy of every child's listening sockets. If a child dies, connections the
+    kernel hands to its sockets wait in their backlog until the restarted child (same sockets: no
+    privilege needed to re-bind) accepts them; nothing is refused meanwhile."""
+
+    MAX_RESTARTS = 5  # per slot within RESTART_WINDOW; beyond it the slot stays down (degraded)
+    RESTART_WINDOW = 60.0
 
     def __init__(self, emit: Callable[[dict[str, Any]], None], log: logging.Logger) -> None:
         self.emit = emit
         self.log = log
         self.workers: list[WorkerHandle] = []
+        self.stopping = False
+        self.restarts = 0
+        self._latest: dict[str, Any] = {}  # the last reload, for children started after it
+        self._history: dict[int, list[float]] = {}
 
     async def spawn(self, spec: WorkerSpec, socks: list[socket.socket]) -> None:
+        self.workers.append(await self._launch(spec, socks))
+
+    async def _launch(self, spec: WorkerSpec, socks: list[socket.socket]) -> WorkerHandle:
         parent_end, child_end = socket.socketpair()
         fds = [s.fileno() for s in socks] + [child_end.fileno()]
         proc = await asyncio.create_subprocess_exec(
@@ -107,8 +124,6 @@ class WorkerPool:
             cwd=_REPO,
         )
         child_end.close()
-        for s in socks:
-            s.close()  # the child holds its own copy
         reader, writer = await asyncio.open_unix_connection(sock=parent_end)
         writer.write(encode(spec))
         await writer.drain()
@@ -122,24 +137,61 @@ class WorkerPool:
             await proc.wait()
             writer.close()
             raise RuntimeError(f"http worker {spec.index} failed to start (exit {proc.returncode})")
-        h = WorkerHandle(proc, writer, reader)
+        h = WorkerHandle(proc, writer, reader, spec, socks)
         h.task = asyncio.create_task(self._read(h))
-        self.workers.append(h)
+        return h
 
     async def _read(self, h: WorkerHandle) -> None:
         while True:
             msg = await read_message(h.reader)
             if msg is None:
-                self.log.info("http worker pid %d closed its channel", h.proc.pid)
-                return
+                break
             t = msg.get("t")
             if t == "audit":
                 for rec in msg["r"]:
                     self.emit(rec)
             elif t == "health":
                 h.health = msg["h"]
+        if self.stopping:
+            return
+        try:
+            await asyncio.wait_for(h.proc.wait(), 5.0)
+        except TimeoutError:
+            h.proc.kill()
+            await h.proc.wait()
+        h.writer.close()
+        self.log.error("http worker %d (pid %d) died with %s; restarting", h.spec.index, h.proc.pid,
+                       h.proc.returncode)
+        await self._restart(h)
+
+    async def _restart(self, h: WorkerHandle) -> None:
+        now = time.monotonic()
+        hist = [t for t in self._history.get(h.spec.index, []) if now - t < self.RESTART_WINDOW]
+        if len(hist) >= self.MAX_RESTARTS:
+            self.log.error("http worker %d restarted %d times in %.0fs; leaving it down",
+                           h.spec.index, len(hist), self.RESTART_WINDOW)
+            return
+        self._history[h.spec.index] = [*hist, now]
+        await asyncio.sleep(0.2 * len(hist))
+        spec = h.spec
+        if self._latest:
+            spec.settings = self._latest["settings"]
+            spec.policy_file = self._latest["policy_file"]
+            spec.guest_names = self._latest["guest_names"]
+        spec.user = None  # we already run as that user: nothing to drop
+        try:
+            nh = await self._launch(spec, h.socks)
+        except (RuntimeError, OSError) as e:
+            self.log.error("http worker %d restart failed: %s", spec.index, e)
+            return
+        if self.stopping:
+            nh.writer.write(encode({"t": "drain", "timeout": 0.1}))
+        self.workers[self.workers.index(h)] = nh
+        self.restarts += 1
 
     def send_all(self, msg: Any) -> None:
+        if msg.get("t") == "reload":
+            self._latest = msg
         data = encode(msg)
         for h in self.workers:
             if not h.writer.is_closing():
@@ -149,11 +201,12 @@ class WorkerPool:
         return sum(1 for h in self.workers if h.proc.returncode is None)
 
     def connections(self) -> int:
-        return sum(int(h.health.get("connections", 0)) for h in self.workers)
+        return sum(int(h.health.get("connections", 0)) for h in self.workers if h.proc.returncode is None)
 
     async def stop(self, timeout: float) -> None:
+        self.stopping = True
         self.send_all({"t": "drain", "timeout": timeout})
-        for h in self.workers:
+        for h in list(self.workers):
             try:
                 await asyncio.wait_for(h.proc.wait(), timeout + 5.0)
             except TimeoutError:
@@ -165,6 +218,8 @@ class WorkerPool:
                 except (TimeoutError, asyncio.CancelledError):
                     h.task.cancel()
             h.writer.close()
+            for s in h.socks:
+                s.close()
         self.workers.clear()
 
 

@@ -369,3 +369,16 @@ async def test_hook_failure_fails_closed(svc) -> None:
     assert res.rc != 0  # CONNECT refused as well
     assert len(svc.lab.log("main")) == before  # nothing left the proxy
     assert svc.service.health()["hook_failures"] == 2
+
+
+async def test_dead_worker_is_restarted_on_the_same_sockets(make_service) -> None:
+    import os
+    import signal
+
+    r = await make_service(workers=2)
+    child = r.service.pool.workers[0].proc.pid
+    os.kill(child, signal.SIGKILL)
+    await eventually(lambda: r.service.pool.restarts == 1 and r.service.health()["workers"] == 2, timeout=10)
+    assert r.service.pool.workers[0].proc.pid != child
+    codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(16)]
+    assert codes == [200] * 16  # no connection refused or lost across the restart
