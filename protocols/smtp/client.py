@@ -259,10 +259,13 @@ class Session:
             params += " SMTPUTF8"
         lines = [f"MAIL FROM:<{mail_from}>{params}"] + [f"RCPT TO:<{r}>" for r in rcpts]
         replies: list[Reply] = []
+        data_reply: Reply | None = None
         if "PIPELINING" in self.extensions:
-            await self.send(("\r\n".join(lines) + "\r\n").encode("utf-8"))
+            # RFC 2920: DATA may close the group; a server answers it 503/554 when no RCPT succeeded
+            await self.send(("\r\n".join([*lines, "DATA"]) + "\r\n").encode("utf-8"))
             for _ in lines:
                 replies.append(await self.read_reply())
+            data_reply = await self.read_reply()
         else:
             for ln in lines:
                 replies.append(await self.command(ln))
@@ -276,7 +279,7 @@ class Session:
         if not any(r.ok for r in rcpt_replies.values()):
             await self._rset()
             return mail_reply, rcpt_replies, None
-        r = await self.command("DATA")
+        r = data_reply if data_reply is not None else await self.command("DATA")
         if r.code != 354:
             await self._rset()
             return mail_reply, rcpt_replies, r

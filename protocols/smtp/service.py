@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import email.utils
+import functools
 import inspect
 import ipaddress
 import logging
@@ -56,10 +57,51 @@ def unstuff(data: bytes) -> bytes:
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
+_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*$")
+_QUOTED = re.compile(r'^"([^"\\\r\n]|\\[\x20-\x7e])*"$')
+
+
+def parse_path(arg: str) -> tuple[str | None, str | None]:
+    """`<local@domain> params` → ("local@domain", " params"); `<>` → ("<>", ...). A bare
+    `local@domain` (no brackets) is tolerated like most MTAs do. Source routes are dropped
+    (RFC 5321 §4.1.2: accepted, ignored)."""
+    arg = arg.lstrip()
+    if arg.startswith("<"):
+        i, quoted = 1, False
+        while i < len(arg):
+            c = arg[i]
+            if quoted and c == "\\":
+                i += 2
+                continue
+            if c == '"':
+                quoted = not quoted
+            elif c == ">" and not quoted:
+                break
+            i += 1
+        else:
+            return None, None
+        inner, rest = arg[1:i], arg[i + 1 :]
+        if rest and not rest[0].isspace():
+            return None, None
+        if inner == "":
+            return "<>", rest
+        if inner.startswith("@"):  # obsolete source route "@a,@b:user@c"
+            inner = inner.split(":", 1)[1] if ":" in inner else ""
+    else:
+        inner, _, rest = arg.partition(" ")
+        rest = " " + rest if rest else ""
+    local, at, domain = inner.rpartition("@")
+    if not at or not local or not domain:
+        return None, None
+    if not (_ATEXT.match(local) or _QUOTED.match(local)):
+        return None, None
+    return inner, rest
+
+
 class _NoAuthInspect:
     """Stands in for `inspect` inside aiosmtpd's constructor (see GuestSMTP.__init__)."""
 
-    signature = staticmethod(inspect.signature)
+    signature = staticmethod(functools.lru_cache(maxsize=16)(inspect.signature))
 
     @staticmethod
     def getmembers(obj: Any) -> list[tuple[str, Any]]:
@@ -81,6 +123,8 @@ def check_address(addr: str, smtputf8: bool) -> str | None:
     local, at, domain = addr.rpartition("@")
     if not at or not local or not domain:
         return "553 5.1.3 Error: address must be local-part@domain"
+    if len(local.encode("utf-8")) > 64:
+        return "553 5.1.3 Error: local part longer than 64 octets"
     if domain.startswith("["):
         lit = domain[1:-1] if domain.endswith("]") else ""
         lit = lit[5:] if lit.lower().startswith("ipv6:") else lit
@@ -328,9 +372,9 @@ class GuestSMTP(AioSMTP):
         await self.push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        if arg.lstrip().startswith("<>"):
-            return "<>", arg.lstrip()[2:]  # the null reverse-path (bounces), which aiosmtpd refuses
-        return super()._getaddr(arg)
+        """RFC 5321 §4.1.2 Path, parsed directly (aiosmtpd's RFC 5322 parser costs ~0.3 ms per
+        address and refuses the null path). Returns (address, rest) or (None, None)."""
+        return parse_path(arg)
 
 
 class GuestHandler:

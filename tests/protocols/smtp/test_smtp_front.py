@@ -240,6 +240,11 @@ async def test_sequence_errors(tmp_path, start_service):
      "553 5.1.3"),  # address over 254
     ("MAIL FROM:<jörg@example.com>\r\n".encode(), "553 5.6.7"),  # non-ASCII without SMTPUTF8
     (b"MAIL FROM:<a@[300.1.1.1]>\r\n", "553 5.1.3"),
+    (b"MAIL FROM:<a@example.com\r\n", "553 5.1.3"),  # unclosed path
+    (b"MAIL FROM:<a@example.com>SIZE=1\r\n", "553 5.1.3"),
+    (b"MAIL FROM:<a..b@example.com>\r\n", "553 5.1.3"),
+    (b'MAIL FROM:<"quoted local"@example.com>\r\n', "250 2.1.0"),  # valid RFC 5321 forms
+    (b"MAIL FROM:<@relay.example:a@example.com>\r\n", "250 2.1.0"),
     (b"MAIL FROM:<a@example.com> SIZE=abc\r\n", "501 5.5.4"),
     (b"MAIL FROM:<a@example.com> FOO=BAR\r\n", "555 5.5.4"),
     (b"MAIL FROM:" + b"x" * 1200 + b"\r\n", "500 5.5.2"),  # command line too long
