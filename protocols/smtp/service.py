@@ -118,9 +118,11 @@ def check_address(addr: str, smtputf8: bool) -> str | None:
         return "553 5.6.7 Error: address is not valid UTF-8"
     if not addr.isascii() and not smtputf8:
         return "553 5.6.7 Error: non-ASCII address needs MAIL FROM ... SMTPUTF8"
-    if any(c in addr for c in "\x00\r\n\t ") or any(ord(c) < 32 or ord(c) == 127 for c in addr):
+    if any(ord(c) < 32 or ord(c) == 127 for c in addr):
         return "553 5.1.3 Error: control characters in address"
     local, at, domain = addr.rpartition("@")
+    if " " in domain or (" " in local and not local.startswith('"')):
+        return "553 5.1.3 Error: space in address"
     if not at or not local or not domain:
         return "553 5.1.3 Error: address must be local-part@domain"
     if len(local.encode("utf-8")) > 64:
