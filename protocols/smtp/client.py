@@ -273,11 +273,17 @@ class Session:
                     break
         mail_reply = replies[0]
         if not mail_reply.ok:
-            await self._rset()
+            if data_reply is not None and data_reply.code == 354:
+                self.abort()
+            else:
+                await self._rset()
             return mail_reply, {}, None
         rcpt_replies = dict(zip(rcpts, replies[1:], strict=True))
         if not any(r.ok for r in rcpt_replies.values()):
-            await self._rset()
+            if data_reply is not None and data_reply.code == 354:
+                self.abort()  # a peer that opened DATA with no recipient: send nothing, drop it
+            else:
+                await self._rset()
             return mail_reply, rcpt_replies, None
         r = data_reply if data_reply is not None else await self.command("DATA")
         if r.code != 354:
