@@ -145,32 +145,45 @@ class GuestHttp1Server(Http1Server):
         self._max_head = int(_opt(context.options, "proxyvm_header_size", 64 * 1024))
         self._head_timeout = float(_opt(context.options, "proxyvm_header_timeout", 10.0))
 
-    def _arm(self) -> layer.CommandGenerator[None]:
-        self._head_started = time.monotonic()
-        self._deadline = commands.RequestWakeup(self._head_timeout)
+    # One pending timer per connection at most (mitmproxy runs each RequestWakeup as a task): it
+    # fires, looks at how long the current head has been arriving, and re-arms for the rest.
+    def _arm(self, delay: float) -> layer.CommandGenerator[None]:
+        self._deadline = commands.RequestWakeup(max(0.01, delay))
         yield self._deadline
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Wakeup):
-            if event.command is self._deadline and self.state == self.read_headers:
-                if len(self.buf):
-                    yield from self._refuse(408, "request headers not received in time")
-                else:
-                    yield from self._arm()  # an idle keep-alive connection: the idle timeout owns it
+            if event.command is not self._deadline:
+                return
+            self._deadline = None
+            if self.state != self.read_headers:
+                return  # mark_done re-arms when the next head is due
+            if not len(self.buf):
+                yield from self._arm(self._head_timeout)  # idle keep-alive: the idle timeout owns it
+                return
+            left = self._head_timeout - (time.monotonic() - self._head_started)
+            if left <= 0:
+                yield from self._refuse(408, "request headers not received in time")
+            else:
+                yield from self._arm(left)
             return
+        if isinstance(event, events.DataReceived) and self.state == self.read_headers and not len(self.buf):
+            self._head_started = time.monotonic()  # the first byte of a head starts its clock
         yield from super()._handle_event(event)
 
     @expect(events.Start)
     def start(self, _: events.Event) -> layer.CommandGenerator[None]:
         self.state = self.read_headers
-        yield from self._arm()
+        yield from self._arm(self._head_timeout)
 
     state = start
 
     def mark_done(self, *, request: bool = False, response: bool = False) -> layer.CommandGenerator[None]:
         yield from super().mark_done(request=request, response=response)
-        if self.state == self.read_headers and not self.request:
-            yield from self._arm()
+        if self.state == self.read_headers and self.request is None:
+            self._head_started = time.monotonic()  # pipelined bytes already buffered count from now
+            if self._deadline is None:
+                yield from self._arm(self._head_timeout)
 
     def _refuse(self, status: int, detail: str) -> layer.CommandGenerator[None]:
         yield commands.Log(f"{self.conn.peername}: {status} {detail}")

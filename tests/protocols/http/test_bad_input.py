@@ -140,3 +140,17 @@ async def test_connection_limit(make_service) -> None:
         w.close()
     await asyncio.sleep(0.2)
     await still_serving(r, "proxy")
+
+
+async def test_header_clock_starts_at_the_first_byte_of_each_head(make_service) -> None:
+    r = await make_service(timeouts=TimeoutSettings(header=0.5, idle=5.0))
+    reader, writer = await asyncio.open_connection(*r.addr("transparent"), local_addr=("127.0.7.2", 0))
+    req = b"GET /echo HTTP/1.1\r\nHost: www.lab.test\r\n\r\n"
+    for _ in range(2):  # idle keep-alive pauses longer than the header timeout are not slowloris
+        writer.write(req)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+        await reader.readexactly(length)
+        await asyncio.sleep(1.0)
+    writer.close()
