@@ -156,7 +156,7 @@ install -d -m 0700 -o 0 -g 0 "$root/var/lib/proxyvm-config"
 rmdir "$root/etc/proxyvm" 2>/dev/null || true
 cp "$here/README.md" "$root/opt/proxyvm/README-image.md"
 in_root systemctl enable systemd-networkd.service nftables.service proxyvm-config.service \
-	proxyvm-gateway.service proxyvm.service proxyvm-status.service >/dev/null 2>&1
+	proxyvm-gateway.service proxyvm.service proxyvm-status.service proxyvm-growroot.service >/dev/null 2>&1
 # Nothing here fetches updates (the image is replaced whole) or needs online ext4 scrubbing.
 in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
 	>/dev/null 2>&1 || true
@@ -169,6 +169,7 @@ in_root /opt/proxyvm/bin/python -c 'import importlib.metadata as m; print(*sorte
 probe() { in_root /opt/proxyvm/bin/python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)" 2>/dev/null && echo true || echo false; }
 has_cli=$(probe proxyvm.cli)
 has_dns=$(probe protocols.dns.service)
+has_http=$(probe protocols.http.service)
 has_gateway=false
 if [ "$has_cli" = true ] && in_root /opt/proxyvm/bin/proxyvm gateway --help >/dev/null 2>&1; then has_gateway=true; fi
 if in_root dpkg -l gcc cc g++ clang openssh-server dropbear 2>/dev/null | grep -q '^ii'; then
@@ -245,6 +246,7 @@ cat >"$OUT/proxyvm-manifest.json" <<EOF
   "root_tree_kib": $used_kib,
   "has_cli": $has_cli,
   "has_dns_service": $has_dns,
+  "has_http_service": $has_http,
   "has_gateway_cli": $has_gateway
 }
 EOF

@@ -50,7 +50,7 @@ WWW_IP = "198.19.0.80"
 
 BOOT_TIMEOUT = float(os.environ.get("PROXYVM_BOOT_TIMEOUT", "420"))  # TCG on 2 shared cores
 TOOLS = ("qemu-system-x86_64", "qemu-img", "ip", "dig", "unbound", "dnssec-keygen", "dnssec-signzone",
-         "dnssec-dsfromkey", "mkfs.vfat", "mcopy")
+         "dnssec-dsfromkey", "mkfs.vfat", "mcopy", "curl")
 
 
 def _skip_reason() -> str | None:
@@ -189,7 +189,8 @@ rules:
 """
 
 
-def config_drive(d: Path, ca_pem: Path, anchor: Path, rules: str, with_dns: bool, with_gateway: bool) -> Path:
+def config_drive(d: Path, ca_pem: Path, anchor: Path, rules: str, with_dns: bool, with_gateway: bool,
+                 with_http: bool = False) -> Path:
     src = d / "src"
     shutil.rmtree(src, ignore_errors=True)
     (src / "network").mkdir(parents=True)
@@ -211,6 +212,13 @@ def config_drive(d: Path, ca_pem: Path, anchor: Path, rules: str, with_dns: bool
             "  ca_file: lab-ca.pem",
             "  dnssec: validate",
             "  trust_anchors: lab-anchor.txt",
+        ]
+    if with_http:  # mitmproxy under the unit's sandbox; no HTTPS upstream here, only its listeners
+        cfg += [
+            "http:",
+            f'  listen: ["{PROXY_IN}:80"]',
+            f'  proxy_listen: ["{PROXY_IN}:3128"]',
+            "  ca_file: lab-ca.pem",
         ]
     (src / "proxyvm.yaml").write_text("\n".join(cfg) + "\n")
     (src / "rules.yaml").write_text(rules)
@@ -316,6 +324,7 @@ class Booted:
     accel: str
     with_dns: bool
     with_gateway: bool
+    with_http: bool
     ca_pem: Path
     anchor: Path
     drive_id: str = "cfgdev"
@@ -365,11 +374,14 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     info = manifest()
     with_dns = bool(info.get("has_dns_service"))
     with_gateway = bool(info.get("has_gateway_cli"))
+    with_http = bool(info.get("has_http_service")) and os.environ.get("PROXYVM_BOOT_HTTP", "1") != "0"
     ca = LabCA(d / "pki")
     anchor = signed_zone(d / "zone")
-    drive = config_drive(d / "drive", ca.ca_pem, anchor, RULES_ALLOW, with_dns, with_gateway)
+    drive = config_drive(d / "drive", ca.ca_pem, anchor, RULES_ALLOW, with_dns, with_gateway, with_http)
     overlay = d / "overlay.qcow2"
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(IMAGE), "-F", "qcow2", str(overlay))
+    # 1 GiB larger than the image: the root file system must grow into it at boot.
+    virtual = json.loads(sh("qemu-img", "info", "--output=json", str(IMAGE)).stdout)["virtual-size"]
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(IMAGE), "-F", "qcow2", str(overlay), str(virtual + 2**30))
     ns = Namespace().up()
     unbound = None
     proc = None
@@ -399,7 +411,8 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         proc = subprocess.Popen(argv, stdout=open(d / "qemu.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                 start_new_session=True)
         qmp = QMP(d / "qmp.sock")
-        booted = Booted(ns, proc, qmp, serial, d, t0, None, accel, with_dns, with_gateway, ca.ca_pem, anchor)
+        booted = Booted(ns, proc, qmp, serial, d, t0, None, accel, with_dns, with_gateway, with_http, ca.ca_pem,
+                        anchor)
         if with_dns:
             deadline = t0 + BOOT_TIMEOUT
             while time.monotonic() < deadline:
@@ -433,6 +446,10 @@ def test_boots_through_bootloader_and_applies_config_drive(vm: Booted) -> None:
     st = status_line(text)
     assert st["config"] == "inactive/success", text
     assert st["ip_forward"] == "0"
+    # The disk was enlarged by 1 GiB before boot: the root grew into it.
+    assert re.search(r"proxyvm-growroot: grew /dev/vda2 from \d+ MiB to \d+ MiB", text), vm.tail()
+    disk_mib = manifest().get("disk_mib", 2048)
+    assert int(st["root_mib"]) > disk_mib, st
 
 
 def test_proxyvm_unit_ready_with_least_privilege(vm: Booted) -> None:
@@ -451,6 +468,11 @@ def test_proxyvm_unit_ready_with_least_privilege(vm: Booted) -> None:
     assert st["capeff"] == "0000000000003400", st  # CAP_NET_BIND_SERVICE|CAP_NET_ADMIN|CAP_NET_RAW
     if vm.with_gateway:
         assert st["gateway"] == "active", vm.tail(60)
+    listeners = set(st["listeners"].split(","))
+    if vm.with_dns:
+        assert {f"udp:{PROXY_IN}:53", f"tcp:{PROXY_IN}:53"} <= listeners, st
+    if vm.with_http:
+        assert {f"tcp:{PROXY_IN}:80", f"tcp:{PROXY_IN}:3128"} <= listeners, st
 
 
 def test_dns_answer_from_the_vm_is_validated(vm: Booted) -> None:
@@ -468,13 +490,26 @@ def test_dns_answer_from_the_vm_is_validated(vm: Booted) -> None:
     assert "status: REFUSED" in rr.stdout, rr.stdout
 
 
+def test_http_proxy_in_the_vm_answers_with_the_policy(vm: Booted) -> None:
+    """mitmproxy runs under the unit's sandbox: a request no rule allows gets 403 naming the rule."""
+    if not vm.with_http:
+        pytest.skip("HTTP service not built yet (protocols/http/service.py absent in the image)")
+    vm.wait_console(r"proxyvm-status: service=", BOOT_TIMEOUT)
+    r = vm.ns.run("curl", "-s", "-m", "20", "-w", "\n%{http_code}", "-x", f"http://{PROXY_IN}:3128",
+                  "http://www.lab.test/", timeout=30)
+    body, _, code = r.stdout.rpartition("\n")
+    assert code == "403", r.stdout + r.stderr
+    assert "default" in body, body
+
+
 def test_policy_change_by_hotplugging_a_new_config_drive(vm: Booted) -> None:
     """Later changes: a new drive replaces the files and the proxy reloads (SIGHUP)."""
     if not vm.with_dns:
         pytest.skip("DNS service not built yet (protocols/dns/service.py absent in the image)")
     assert "status: NOERROR" in vm.dig("blocked.lab.test").stdout
     mark = len(vm.console())
-    drive2 = config_drive(vm.workdir / "drive2", vm.ca_pem, vm.anchor, RULES_BLOCK, vm.with_dns, vm.with_gateway)
+    drive2 = config_drive(vm.workdir / "drive2", vm.ca_pem, vm.anchor, RULES_BLOCK, vm.with_dns, vm.with_gateway,
+                          vm.with_http)
     vm.swap_drive(drive2)
     vm.wait_console(r"proxyvm-config: applied config drive", 180, start=mark)
     vm.wait_console(r"proxyvm-config: proxyvm: reload done", 60, start=mark)
@@ -489,7 +524,8 @@ def test_invalid_config_drive_is_rejected_and_previous_config_kept(vm: Booted) -
     vm.wait_console(r"proxyvm-status: service=", BOOT_TIMEOUT)
     mark = len(vm.console())
     bad_rules = RULES_BLOCK.replace("action: deny", "action: deny\n    colour: red")  # unknown key
-    bad = config_drive(vm.workdir / "drive-bad", vm.ca_pem, vm.anchor, bad_rules, vm.with_dns, vm.with_gateway)
+    bad = config_drive(vm.workdir / "drive-bad", vm.ca_pem, vm.anchor, bad_rules, vm.with_dns, vm.with_gateway,
+                       vm.with_http)
     vm.swap_drive(bad)
     m = vm.wait_console(r"proxyvm-config: (REJECTED|applied) config drive", 180, start=mark)
     if not manifest().get("has_cli"):
@@ -532,6 +568,7 @@ def test_powers_off_cleanly_and_reports_figures(vm: Booted) -> None:
         "power_on_to_first_answer_s": None if vm.first_answer_s is None else round(vm.first_answer_s, 1),
         "proxyvm_idle_rss_mib": round(int(st["rss_kib"]) / 1024, 1),
         "proxyvm_processes": int(st["processes"]),
+        "services": ",".join(n for n, on in (("dns", vm.with_dns), ("http", vm.with_http)) if on),
         "shutdown_s": round(shutdown_s, 1),
     }
     (vm.workdir / "figures.json").write_text(json.dumps(figures))
