@@ -395,6 +395,12 @@ class GuestHandler:
         src = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         return self.service.ctx.guests.lookup(ip), src
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug or an unexpected failure: temporary refusal (the guest retries), no internals shown."""
+        self.service.ctx.log.error("smtp: error handling a guest command: %s: %s", type(error).__name__, error,
+                                   exc_info=error)
+        return "451 4.3.0 Error: local problem; try again later"
+
     async def handle_EHLO(self, server: GuestSMTP, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname

@@ -381,3 +381,19 @@ async def test_pipelined_commands_after_final_dot_and_empty_message(tmp_path, st
     w.close()
     bodies = sorted(run.service.spool.message(i).split(b"\r\n\r\n", 1)[-1] for i in run.spool_ids())
     assert len(bodies) == 2 and b".dot\r\n" in bodies and not any(b"..dot" in x for x in bodies)
+
+
+async def test_internal_error_is_451_without_details(tmp_path, start_service):
+    run = await start_service(settings(tmp_path))
+
+    class Exploding:
+        def decide(self, *a, **k):
+            raise RuntimeError("secret internal detail")
+
+    run.service.engine = Exploding()  # a fault real engines do not produce on demand
+    r, w, _ = await ehlo(run)
+    await chat(r, w, b"MAIL FROM:<a@example.com>\r\n")
+    reply = await chat(r, w, b"RCPT TO:<b@example.org>\r\n")
+    assert reply.startswith("451 4.3.0") and "secret" not in reply
+    w.close()
+    await assert_alive(run)
