@@ -22,15 +22,20 @@ from typing import Any
 import wsproto.events
 from mitmproxy import flow as mflow
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1, status_codes
-from mitmproxy.proxy import commands, events, layer
-from mitmproxy.proxy.layers import TCPLayer, websocket
+from mitmproxy.proxy import commands, events, layer, tunnel
+from mitmproxy.proxy.layers import TCPLayer, quic, tls, websocket
 from mitmproxy.proxy.layers.http import (
     DropStream,
+    GetHttpConnection,
+    GetHttpConnectionCompleted,
+    HttpClient,
     HttpErrorHook,
     HttpLayer,
+    HTTPMode,
     HttpStream,
+    RegisterHttpConnection,
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
@@ -39,9 +44,10 @@ from mitmproxy.proxy.layers.http import (
     ResponseEndOfMessage,
     ResponseProtocolError,
     SendHttp,
+    _upstream_proxy,
 )
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 from mitmproxy.proxy.utils import expect
 from mitmproxy.websocket import WebSocketData
 from wsproto import ConnectionState as WSState
@@ -55,6 +61,7 @@ MD_STATUS = "proxyvm.status"  # status we answered with when there is no flow.re
 MD_BYTES_IN = "proxyvm.bytes_in"  # guest -> upstream
 MD_BYTES_OUT = "proxyvm.bytes_out"  # upstream -> guest
 MD_WS_LIMIT = "proxyvm.ws_limit"
+RESPONSE_HEAD_FACTOR = 4  # an upstream response head may be this many times the guest's limit
 MD_INVALID = "proxyvm.invalid"  # set while mitmproxy validates a message: an error now is a 400/502 of ours
 _CTL = re.compile(rb"[\x00-\x20\x7f]")
 
@@ -256,6 +263,138 @@ class GuestHttpLayer(HttpLayer):
         self.streams[stream_id] = GuardedHttpStream(ctx, stream_id)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
+    # Copied from mitmproxy 11.0.2 HttpLayer.get_connection; only the HttpClient class differs.
+    def get_connection(
+        self, event: GetHttpConnection, *, reuse: bool = True
+    ) -> layer.CommandGenerator[None]:
+        # Do we already have a connection we can re-use?
+        if reuse:
+            for connection in self.connections:
+                connection_suitable = event.connection_spec_matches(connection)
+                if connection_suitable:
+                    if connection in self.waiting_for_establishment:
+                        self.waiting_for_establishment[connection].append(event)
+                        return
+                    elif connection.error:
+                        stream = self.command_sources.pop(event)
+                        yield from self.event_to_child(
+                            stream,
+                            GetHttpConnectionCompleted(event, (None, connection.error)),
+                        )
+                        return
+                    elif connection.connected:
+                        # see "tricky multiplexing edge case" in make_http_connection for an explanation
+                        h2_to_h1 = (
+                            self.context.client.alpn == b"h2"
+                            and connection.alpn != b"h2"
+                        )
+                        if not h2_to_h1:
+                            stream = self.command_sources.pop(event)
+                            yield from self.event_to_child(
+                                stream,
+                                GetHttpConnectionCompleted(event, (connection, None)),
+                            )
+                            return
+                    else:
+                        pass  # the connection is at least half-closed already, we want a new one.
+
+        context_connection_matches = (
+            self.context.server not in self.connections
+            and event.connection_spec_matches(self.context.server)
+        )
+        can_use_context_connection = (
+            context_connection_matches and self.context.server.connected
+        )
+        if context_connection_matches and self.context.server.error:
+            stream = self.command_sources.pop(event)
+            yield from self.event_to_child(
+                stream,
+                GetHttpConnectionCompleted(event, (None, self.context.server.error)),
+            )
+            return
+
+        context = self.context.fork()
+
+        stack = tunnel.LayerStack()
+
+        if not can_use_context_connection:
+            context.server = Server(
+                address=event.address, transport_protocol=event.transport_protocol
+            )
+
+            if event.via:
+                context.server.via = event.via
+                # We always send a CONNECT request, *except* for plaintext absolute-form HTTP requests in upstream mode.
+                send_connect = event.tls or self.mode != HTTPMode.upstream
+                stack /= _upstream_proxy.HttpUpstreamProxy.make(context, send_connect)
+            if event.tls:
+                # Assume that we are in transparent mode and lazily did not open a connection yet.
+                # We don't want the IP (which is the address) as the upstream SNI, but the client's SNI instead.
+                if (
+                    self.mode == HTTPMode.transparent
+                    and event.address == self.context.server.address
+                ):
+                    # reverse proxy mode may set self.context.server.sni, which takes precedence.
+                    context.server.sni = (
+                        self.context.server.sni
+                        or self.context.client.sni
+                        or event.address[0]
+                    )
+                else:
+                    context.server.sni = event.address[0]
+                if context.server.transport_protocol == "tcp":
+                    stack /= tls.ServerTLSLayer(context)
+                elif context.server.transport_protocol == "udp":
+                    stack /= quic.ServerQuicLayer(context)
+                else:
+                    raise AssertionError(
+                        context.server.transport_protocol
+                    )  # pragma: no cover
+
+        stack /= UpstreamHttpClient(context)  # the one line that differs
+
+        self.connections[context.server] = stack[0]
+        self.waiting_for_establishment[context.server].append(event)
+
+        yield from self.event_to_child(stack[0], events.Start())
+
+
+class UpstreamHttpClient(HttpClient):
+    """HttpClient whose HTTP/1 side bounds the upstream's response head. We only ever offer
+    ALPN http/1.1 upstream, so there is no HTTP/2 or HTTP/3 branch."""
+
+    @expect(events.Start)
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        err: str | None
+        if self.context.server.connected:
+            err = None
+        else:
+            err = yield commands.OpenConnection(self.context.server)
+        if not err:
+            self.child_layer = BoundedHttp1Client(self.context)
+            self._handle_event = self.child_layer.handle_event
+            yield from self._handle_event(event)
+        yield RegisterHttpConnection(self.context.server, err)
+
+
+class BoundedHttp1Client(Http1Client):
+    """mitmproxy buffers a response head without limit ("FIXME: protect against header size
+    DoS"); an upstream that never ends its head must not grow the proxy: 502 past the limit."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._max_head = RESPONSE_HEAD_FACTOR * int(_opt(context.options, "proxyvm_header_size", 64 * 1024))
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        yield from super().read_headers(event)
+        if self.state == self.read_headers and len(self.buf) > self._max_head and self.stream_id is not None:
+            yield commands.CloseConnection(self.conn)
+            yield ReceiveHttp(
+                ResponseProtocolError(self.stream_id, f"upstream response head over {self._max_head} bytes")
+            )
+            self.state = self.done
+            self.buf = type(self.buf)()
+
 
 class GuardedHttpStream(HttpStream):
     """Body limits (413) and local answers while a body still arrives; bounded WebSocket child."""
@@ -415,6 +554,7 @@ __all__ = [
     "GuardedHttpStream",
     "GuestHttp1Server",
     "GuestHttpLayer",
+    "UpstreamHttpClient",
     "Reject",
     "SplicedTunnel",
     "text_response",

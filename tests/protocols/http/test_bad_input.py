@@ -154,3 +154,40 @@ async def test_header_clock_starts_at_the_first_byte_of_each_head(make_service) 
         await reader.readexactly(length)
         await asyncio.sleep(1.0)
     writer.close()
+
+
+async def test_endless_upstream_response_head_is_cut_off(make_service, lab, tmp_path) -> None:
+    """A fake upstream (nginx cannot send an endless header block): the proxy answers 502 once
+    the head passes its limit instead of buffering it forever."""
+    import ssl
+
+    cert, key = lab.ca.issue(["huge.lab.test"], stem="huge")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        try:
+            while sent < 50_000_000:
+                line = b"X-Pad: " + b"a" * 8000 + b"\r\n"
+                writer.write(line)
+                sent += len(line)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.7.14", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    rules = "default: deny\nrules:\n  - {id: huge, action: allow, protocol: http, match: {host: [huge.lab.test]}}\n"
+    r = await make_service(rules=rules, hosts=(("huge.lab.test", ("127.0.7.14",)),),
+                           limits=LimitSettings(header_size=16 * 1024))
+    try:
+        res = await curl("-x", f"http://{PROXY_IP}:{r.port('proxy')}", f"http://huge.lab.test:{port}/")
+        assert res.status == 502 and "response head over" in res.body, res
+        assert sent < 5_000_000  # cut off early, not after buffering tens of MB
+    finally:
+        server.close()
