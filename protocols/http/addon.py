@@ -96,6 +96,7 @@ class ConnInfo:
     tunnel_host: str = ""  # the CONNECT host, once allowed
     restore: dict[str, tuple[str, int]] = field(default_factory=dict)  # server id -> name address
     tunnel: FlowState | None = None  # the allowed CONNECT, for the record written when it ends
+    waiting: dict[int, tuple[FlowState, Any]] = field(default_factory=dict)  # answered, body still arriving
 
     def pin(self, host: str, port: int, ip: str) -> None:
         if len(self.pins) >= MAX_PINS:  # one connection naming endless hosts must not grow forever
@@ -566,6 +567,7 @@ class PolicyAddon:
             # The origin answered before the guest finished sending (nginx `return` does): the
             # record waits for the `request` hook so bytes_in is the whole body.
             st.pending = {"status": resp.status_code, "upstream": upstream, "bytes_out": bytes_out}
+            st.info.waiting[id(st)] = (st, flow)
             return
         self._emit(st, status=resp.status_code, upstream=upstream, bytes_in=bytes_in, bytes_out=bytes_out)
 
@@ -574,7 +576,18 @@ class PolicyAddon:
         st: FlowState | None = flow.metadata.get(MD_STATE)
         if st is not None and st.pending is not None:
             pending, st.pending = st.pending, None
+            st.info.waiting.pop(id(st), None)
             self._emit(st, bytes_in=flow.metadata.get(layers.MD_BYTES_IN, 0), **pending)
+
+    def connection_closed(self, info: ConnInfo) -> None:
+        """The guest connection ended: write the records still waiting for a request body that
+        never finished (the guest aborted the upload after the origin had answered)."""
+        for st, flow in list(info.waiting.values()):
+            if st.pending is not None:
+                pending, st.pending = st.pending, None
+                self._emit(st, bytes_in=flow.metadata.get(layers.MD_BYTES_IN, 0),
+                           error="guest aborted the request body", **pending)
+        info.waiting.clear()
 
     @_fail_closed("flow")
     async def error(self, flow: http.HTTPFlow) -> None:

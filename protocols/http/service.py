@@ -248,7 +248,9 @@ class HTTPService:
             writer.close()
         finally:
             if handler is not None:
-                self.addon.conns.pop(handler.client.id, None)
+                info_done = self.addon.conns.pop(handler.client.id, None)
+                if info_done is not None:
+                    self.addon.connection_closed(info_done)
             self._tasks.discard(task)
 
     async def reload(self, settings: Any, engine: Any) -> None:

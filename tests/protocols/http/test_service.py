@@ -382,3 +382,16 @@ async def test_dead_worker_is_restarted_on_the_same_sockets(make_service) -> Non
     assert r.service.pool.workers[0].proc.pid != child
     codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(16)]
     assert codes == [200] * 16  # no connection refused or lost across the restart
+
+
+async def test_aborted_upload_after_early_answer_is_still_audited(svc) -> None:
+    # nginx answers /upload before reading the body; the guest then gives up half-way
+    reader, writer = await asyncio.open_connection(PROXY_IP, svc.port("proxy"), local_addr=(GUEST_IP, 0))
+    writer.write(b"POST http://www.lab.test/upload HTTP/1.1\r\nHost: www.lab.test\r\n"
+                 b"Content-Length: 10000000\r\n\r\n" + b"x" * 3_000_000)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    rec = await eventually(lambda: svc.records(error="guest aborted the request body"), timeout=5)
+    assert rec[-1]["status"] == 200 and 0 < rec[-1]["bytes_in"] <= 3_000_000
