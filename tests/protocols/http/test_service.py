@@ -395,3 +395,13 @@ async def test_aborted_upload_after_early_answer_is_still_audited(svc) -> None:
     writer.close()
     rec = await eventually(lambda: svc.records(error="guest aborted the request body"), timeout=5)
     assert rec[-1]["status"] == 200 and 0 < rec[-1]["bytes_in"] <= 3_000_000
+
+
+async def test_http10_and_connection_close_guests(svc) -> None:
+    res = await curl(*transparent(svc), "--http1.0", "http://www.lab.test/echo")
+    assert res.status == 200 and "sni=www.lab.test" in res.body
+    started = asyncio.get_running_loop().time()
+    out = await raw_exchange(svc.addr("transparent"),
+                             b"GET /echo HTTP/1.1\r\nHost: www.lab.test\r\nConnection: close\r\n\r\n", wait=5)
+    assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower()
+    assert asyncio.get_running_loop().time() - started < 3  # the proxy closed it, as the guest asked
