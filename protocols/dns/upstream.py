@@ -34,7 +34,8 @@ _SPREAD = 8  # open another connection when the least busy one has this many que
 
 
 class UpstreamFailure(Exception):
-    """An upstream could not answer. `kind`: unreachable | timeout | tls | auth | closed | protocol."""
+    """An upstream could not answer. `kind`: unreachable | timeout | tls | auth | closed | protocol |
+    busy (our own per-connection backlog is full)."""
 
     def __init__(self, kind: str, message: str, address: str = "") -> None:
         super().__init__(message)
@@ -212,7 +213,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing():
             raise UpstreamFailure("closed", "connection closed", self.up.address)
         if len(self.pending) >= MAX_PENDING:
-            raise UpstreamFailure("timeout", "too many queries outstanding", self.up.address)
+            raise UpstreamFailure("busy", "too many queries outstanding on the connection", self.up.address)
         while True:
             qid = random.getrandbits(16)
             if qid not in self.pending:
@@ -467,7 +468,8 @@ class UpstreamPool:
                 if f.kind == "closed" and reused and attempt == 0:
                     continue  # the upstream closed an idle connection under us: reconnect once
                 failures.append(f)
-                self._mark_down(u, f)
+                if f.kind != "busy":  # our own backlog says nothing about the upstream's health
+                    self._mark_down(u, f)
                 break
         raise PoolFailure(failures)
 
