@@ -182,6 +182,10 @@ class Forwarder:
                 life = (res.ttl if res.ttl is not None else self.settings.cache.bogus_ttl) if status == "bogus" else 0
                 return self._servfail(key, qname, qtype, ans, status, ede, res.reason, life)
             vttl = res.ttl
+        entry = self._entry_raw(key, qname, qtype, ans, g_edns=g_edns, g_do=g_do, strip=(s.validate or g_do) and not g_do,
+                                status=status, vttl=vttl)
+        if entry is not None:
+            return entry
         return self._entry(key, qname, qtype, msg, ans, g_edns=g_edns, g_do=g_do, status=status, vttl=vttl)
 
     def _servfail(
@@ -257,10 +261,12 @@ class Forwarder:
         return entry
 
     def _entry_raw(
-        self, key: bytes, qname: str, qtype: str, ans: UpstreamAnswer, *, g_edns: bool, g_do: bool
+        self, key: bytes, qname: str, qtype: str, ans: UpstreamAnswer, *, g_edns: bool, g_do: bool,
+        strip: bool = False, status: str | None = None, vttl: int | None = None,
     ) -> CacheEntry | None:
         """The guest answer built straight from the upstream's bytes: header flags reset (never
-        the upstream's AD/AA), its OPT removed and ours added, TTLs capped, lifetime per RFC 2308.
+        the upstream's AD/AA), its OPT removed and ours added, TTLs capped, lifetime per RFC 2308,
+        and with `strip` the RRSIG/NSEC/NSEC3 records a DO=0 guest must not see removed.
         None when the message is unusual (then the dnspython path handles it)."""
         cs = self.settings.cache
         w = ans.wire
@@ -268,19 +274,50 @@ class Forwarder:
             recs = wire.walk(w)
         except (wire.FormErr, wire.Malformed):
             return None
-        buf = bytearray(w)
-        arcount = struct.unpack_from("!H", w, 10)[0]
         opts = [r for r in recs if r.rtype == wire.OPT]
         if opts:
             opt = opts[0]
             if len(opts) > 1 or opt is not recs[-1] or w[opt.ttl_at] != 0:
                 return None  # several OPTs, OPT not last, or an extended rcode: the slow path
-            del buf[opt.start :]
             recs.pop()
-            arcount -= 1
+        qend = recs[0].start if recs else (opts[0].start if opts else len(w))  # end of the question
+        cuts: list[tuple[int, int]] = []  # (start, end) of records removed for a DO=0 guest
+        if strip:
+            asked = struct.unpack_from("!H", key, len(key) - 5)[0]
+            kept = [r for r in recs if r.rtype not in _DNSSEC_TYPES or (r.section == 1 and r.rtype == asked)]
+            cuts = [(r.start, r.rdata_at + r.rdlen) for r in recs if r.rtype in _DNSSEC_TYPES and r not in kept]
+            recs = kept
         rcode = w[3] & 0x0F
-        struct.pack_into("!HBBH", buf, 0, 0, wire.QR, wire.RA | rcode, 1)
-        struct.pack_into("!H", buf, 10, arcount + (1 if g_edns else 0))
+        counts = [0, 0, 0, 0]
+        out = bytearray(w[:qend])
+        ttl_at: list[int] = []
+        for r in recs:
+            counts[r.section] += 1
+            ttl_at.append(len(out) + (r.ttl_at - r.start))
+            out += w[r.start : r.rdata_at + r.rdlen]
+        if cuts:
+            # Names in kept records may point past a removed record: move those pointers back by
+            # the bytes removed before their target; a pointer into removed bytes means give up.
+            def moved(off: int) -> int | None:
+                gone = 0
+                for a, b in cuts:
+                    if a <= off < b:
+                        return None
+                    if b <= off:
+                        gone += b - a
+                return off - gone
+
+            try:
+                for r in recs:
+                    for pos, target in wire.record_pointers(w, r):
+                        new_target, new_pos = moved(target), moved(pos)
+                        if new_target is None or new_pos is None or target >= pos:
+                            return None
+                        struct.pack_into("!H", out, new_pos, 0xC000 | new_target)
+            except (IndexError, wire.FormErr):
+                return None
+        struct.pack_into("!HBBHHHH", out, 0, 0, wire.QR, wire.RA | rcode, 1, counts[1], counts[2],
+                         counts[3] + (1 if g_edns else 0))
         lifetime = 0
         answers = [r for r in recs if r.section == 1]
         if rcode in (wire.NOERROR, wire.NXDOMAIN):
@@ -293,12 +330,13 @@ class Forwarder:
                     minimum = struct.unpack_from("!I", w, soa.rdata_at + soa.rdlen - 4)[0]
                     soa_ttl = struct.unpack_from("!I", w, soa.ttl_at)[0]
                     lifetime = min(soa_ttl, minimum, cs.negative_max_ttl)
-        offsets, ttls, ips, private = [], [], [], []
-        for r in recs:
+            if vttl is not None:
+                lifetime = min(lifetime, vttl)
+        ttls, ips, private = [], [], []
+        for r, at in zip(recs, ttl_at, strict=True):
             ttl = struct.unpack_from("!I", w, r.ttl_at)[0]
             ttl = max(cs.min_ttl, min(ttl, cs.max_ttl, lifetime if lifetime else ttl))
-            struct.pack_into("!I", buf, r.ttl_at, ttl)
-            offsets.append(r.ttl_at)
+            struct.pack_into("!I", out, at, ttl)
             ttls.append(ttl)
             if r.section == 1 and r.rtype in (1, 28) and r.rdlen in (4, 16):
                 packed = w[r.rdata_at : r.rdata_at + r.rdlen]
@@ -307,10 +345,10 @@ class Forwarder:
                 if is_private_packed(packed):
                     private.append(text)
         if g_edns:
-            buf += wire.opt_rr(self.settings.edns_udp_size, g_do)
+            out += wire.opt_rr(self.settings.edns_udp_size, g_do)
         entry = CacheEntry(
-            bytes(buf), tuple(offsets), tuple(ttls), stored=self.clock(), lifetime=lifetime, rcode=rcode,
-            qname=qname, qtype=qtype, status=None, answer_ips=tuple(ips), private_ips=tuple(private),
+            bytes(out), tuple(ttl_at), tuple(ttls), stored=self.clock(), lifetime=lifetime, rcode=rcode,
+            qname=qname, qtype=qtype, status=status, answer_ips=tuple(ips), private_ips=tuple(private),
             upstream=ans.audit(),
         )
         if lifetime > 0:

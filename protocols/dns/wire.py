@@ -370,3 +370,35 @@ def walk(data: bytes) -> list[Record]:
     if i != n:
         raise FormErr("trailing bytes or record data past the end")
     return out
+
+
+# RFC 3597 §4: only these RFC 1035 types may carry compressed names in their RDATA.
+_RDATA_NAMES = {2: (0,), 3: (0,), 4: (0,), 5: (0,), 7: (0,), 8: (0,), 9: (0,), 12: (0,), 15: (2,)}
+
+
+def _name_pointer(data: bytes, i: int) -> tuple[int, int] | None:
+    """(position, target) of the compression pointer ending the name at `i`, or None."""
+    while True:
+        ln = data[i]
+        if ln == 0:
+            return None
+        if ln & 0xC0 == 0xC0:
+            return i, ((ln & 0x3F) << 8) | data[i + 1]
+        if ln & 0xC0:
+            raise FormErr("bad label type")
+        i += ln + 1
+
+
+def record_pointers(data: bytes, rec: Record) -> list[tuple[int, int]]:
+    """Every compression pointer in a record's owner and RDATA names: [(position, target)]."""
+    starts = [rec.start]
+    if rec.rtype in (6, 14):  # SOA (MNAME, RNAME), MINFO (RMAILBX, EMAILBX)
+        starts += [rec.rdata_at, _skip_name(data, rec.rdata_at)]
+    else:
+        starts += [rec.rdata_at + off for off in _RDATA_NAMES.get(rec.rtype, ())]
+    out = []
+    for i in starts:
+        ptr = _name_pointer(data, i)
+        if ptr is not None:
+            out.append(ptr)
+    return out

@@ -308,3 +308,55 @@ def test_unusable_trust_anchor_file_is_a_located_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as ei:
         _parse("dns:\n  trust_anchors: bad.key\n", tmp_path)
     assert "c.yaml:2:18: unusable trust_anchors" in str(ei.value)
+
+
+SIG = ("{t} 13 2 300 20300101000000 20200101000000 12345 example. "
+       "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+
+
+def _signed_response(*, additional_into_nsec: bool) -> dns.message.Message:
+    q = dns.message.make_query("a.example.", "A", use_edns=0, want_dnssec=True)
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("a.example.", 300, "IN", "A", "192.0.2.1"))
+    r.answer.append(dns.rrset.from_text("a.example.", 300, "IN", "RRSIG", SIG.format(t="A")))
+    if not additional_into_nsec:
+        r.authority.append(dns.rrset.from_text("example.", 300, "IN", "NS", "ns.b.example."))
+    r.authority.append(dns.rrset.from_text("b.example.", 300, "IN", "NSEC", "c.example. A RRSIG NSEC"))
+    r.authority.append(dns.rrset.from_text("b.example.", 300, "IN", "RRSIG", SIG.format(t="NSEC")))
+    if additional_into_nsec:
+        # its owner is compressed to a pointer into the NSEC owner name that stripping removes
+        r.additional.append(dns.rrset.from_text("b.example.", 300, "IN", "A", "192.0.2.9"))
+    else:
+        r.additional.append(dns.rrset.from_text("ns.b.example.", 300, "IN", "A", "192.0.2.53"))
+    r.use_edns(0, dns.flags.DO, 1232)
+    return r
+
+
+@pytest.mark.parametrize("into_nsec", [False, True])
+def test_raw_strip_for_do0_guests(into_nsec: bool) -> None:
+    fw = _fw()
+    r = _signed_response(additional_into_nsec=into_nsec)
+    key = dns.name.from_text("a.example").to_wire() + b"\x00\x01\x00\x01" + bytes((wire.KEY_EDNS,))
+    raw = fw._entry_raw(key, "a.example", "A", _answer(r), g_edns=True, g_do=False, strip=True, status="secure",
+                        vttl=100)
+    slow = fw._entry(key, "a.example", "A", dns.message.from_wire(r.to_wire()), _answer(r), g_edns=True,
+                     g_do=False, status="secure", vttl=100)
+    b = dns.message.from_wire(slow.wire)
+    assert not any(x.rdtype in (dns.rdatatype.RRSIG, dns.rdatatype.NSEC) for x in b.answer + b.authority)
+    if into_nsec:
+        # "b.example. A" is written as a pointer into the NSEC owner name that stripping removes:
+        # bytes cannot be cut safely, so the dnspython path takes over
+        assert raw is None
+        return
+    # names after the removed RRSIG point into the kept NS record: their pointers were moved
+    assert raw is not None
+    a = dns.message.from_wire(raw.wire)
+    assert (a.answer, a.authority, a.additional) == (b.answer, b.authority, b.additional)
+    assert [x.ttl for x in a.answer + a.authority + a.additional] == [100] * 3
+    assert raw.status == "secure" and raw.expires - raw.stored == pytest.approx(100)
+    assert a.edns == 0 and not a.ednsflags & dns.flags.DO
+    # the RRSIG survives when it is what was asked for
+    qkey = dns.name.from_text("a.example").to_wire() + b"\x00\x2e\x00\x01" + bytes((wire.KEY_EDNS,))
+    kept = fw._entry_raw(qkey, "a.example", "RRSIG", _answer(r), g_edns=True, g_do=False, strip=True)
+    assert kept is not None
+    assert [x.rdtype for x in dns.message.from_wire(kept.wire).answer] == [dns.rdatatype.A, dns.rdatatype.RRSIG]
