@@ -274,17 +274,13 @@ class OidIndex:
         if v[:1] == ".":
             v = v[1:]
         out = []
-        pos, dots = -1, 0  # pos: index of the dots-th dot
+        n = len(v)
         for depth in self.depths:
-            while dots < depth:
-                nxt = v.find(".", pos + 1)
-                if nxt < 0:
-                    break
-                pos, dots = nxt, dots + 1
-            if dots >= depth:
-                out.append(v[:pos])
+            parts = v.split(".", depth)  # one C call; the last part is what follows the prefix
+            if len(parts) > depth:
+                out.append(v[: n - len(parts[depth]) - 1])
             else:
-                if dots + 1 == depth:  # exactly `depth` arcs: the whole OID
+                if len(parts) == depth:  # exactly `depth` arcs: the whole OID
                     out.append(v)
                 break
         return out
