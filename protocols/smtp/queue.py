@@ -56,6 +56,7 @@ class QueueRunner:
         self._to_remove: list[str] = []
         self._removing = asyncio.Event()
         self._fresh: dict[str, bytes] = {}
+        self._flush_after: set[str] = set()
         self._fresh_bytes = 0
         self.delivered = 0
         self.bounced = 0
@@ -79,9 +80,10 @@ class QueueRunner:
         self._wake.set()
 
     def flush(self) -> None:
-        """Everything deferred becomes due now."""
+        """Everything deferred becomes due now (attempts in flight are retried as they finish)."""
         self._heap = [(0.0, i) for i in self.entries if i not in self._inflight]
         heapq.heapify(self._heap)
+        self._flush_after.update(self._inflight)
         self._wake.set()
 
     def start(self) -> None:
@@ -199,6 +201,7 @@ class QueueRunner:
             elif failed:
                 self.log.warning("smtp: %s undeliverable to %d recipients; null sender, no bounce", ident, len(failed))
             self.entries.pop(ident, None)
+            self._flush_after.discard(ident)
             self._to_remove.append(ident)  # removed in batches (one directory fsync per batch)
             self._removing.set()
             delivered = [r for r in env.rcpts if entry.rcpt_state(r).status == "delivered"]
@@ -211,7 +214,9 @@ class QueueRunner:
             # The old state stays on disk: recipients may be retried (never lost).
             self.log.error("smtp: cannot record delivery state of %s: %s", ident, e)
         self.entries[ident] = entry
-        heapq.heappush(self._heap, (entry.state.next_attempt, ident))
+        due = 0.0 if ident in self._flush_after else entry.state.next_attempt
+        self._flush_after.discard(ident)
+        heapq.heappush(self._heap, (due, ident))
 
     async def _bounce(self, entry: SpoolEntry, message: bytes, failed: list[str], expired: bool,
                       now: float) -> None:

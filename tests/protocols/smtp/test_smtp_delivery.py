@@ -168,7 +168,11 @@ async def test_dsn_after_max_age_injected_clock(postfix_mx, lab_ca, tmp_path, st
         assert rc == 0, out
         await run.wait_records(event="attempt", outcome="deferred")
         (qid,) = run.spool_ids()
-        entry = run.service.spool.read_entry(qid)
+        for _ in range(100):  # the state file is written just after the attempt's audit record
+            entry = run.service.spool.read_entry(qid)
+            if entry.state.attempts:
+                break
+            await asyncio.sleep(0.05)
         assert entry.state.attempts == 1 and entry.state.next_attempt - run.clock() > 50  # backoff: retry.first
         run.clock.advance(3601)  # past retry.max_age
         run.service.runner.wake()
