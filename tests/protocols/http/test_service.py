@@ -405,3 +405,10 @@ async def test_http10_and_connection_close_guests(svc) -> None:
                              b"GET /echo HTTP/1.1\r\nHost: www.lab.test\r\nConnection: close\r\n\r\n", wait=5)
     assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower()
     assert asyncio.get_running_loop().time() - started < 3  # the proxy closed it, as the guest asked
+
+
+async def test_closed_upstream_port_502(svc) -> None:
+    res = await curl(*proxy(svc), "http://www.lab.test:8444/echo")  # explicit port: https://www.lab.test:8444
+    assert res.status == 502 and "cannot connect to upstream" in res.body, res
+    rec = svc.records(status=502)[-1]
+    assert rec["cause"] == "connect_failed" and rec["request"]["port"] == "8444"
