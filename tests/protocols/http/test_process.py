@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,23 @@ def test_process_upgrades_denies_and_audits(proxyvm_http, lab) -> None:
     assert verify.returncode == 0, verify.stdout + verify.stderr
     health = proxyvm_http.healthz()[1]
     assert "http" in str(health)
+
+
+def test_process_sighup_reload_changes_decisions(proxyvm_http, lab) -> None:
+    p = proxyvm_http.ports
+    rules = proxyvm_http.config.parent / "rules.yaml"
+    original = rules.read_text()
+    try:
+        rules.write_text(original.replace("method: [GET, POST]", "method: [POST]"))
+        proxyvm_http.reload()
+        deadline = time.monotonic() + 10
+        code = 0
+        while time.monotonic() < deadline:
+            code, body = curl("-x", f"http://{PROXY_IP}:{p['proxy']}", "http://www.lab.test/echo")
+            if code == 403:
+                break
+            time.sleep(0.2)
+        assert code == 403 and body == "blocked by proxyvm rule default\n"
+    finally:
+        rules.write_text(original)
+        proxyvm_http.reload()
