@@ -349,6 +349,7 @@ async def test_spool_full_is_452_431_nothing_acknowledged(tmp_path, start_servic
     assert reply.startswith("452 4.3.1"), reply
     assert run.records(event="spool_failed")
     (spool / "filler2").write_bytes(b"\0" * 60_000)  # now under the headroom: refused at MAIL
+    await asyncio.sleep(0.3)  # free space is sampled at most 4 times a second
     reply = await chat(rd, w, b"MAIL FROM:<a@example.com>\r\n")
     assert reply.startswith("452 4.3.1"), reply
     (spool / "filler2").unlink()
