@@ -89,6 +89,20 @@ def text_response(status: int, detail: str = "", *, close: bool = True) -> bytes
     return http1.assemble_response(resp)
 
 
+def _malformed_kind(message: str) -> str:
+    """A category for the audit: mitmproxy's parse errors quote the raw request line."""
+    low = message.lower()
+    if "control character" in low:
+        return "malformed request: control character in the request target"
+    if "request line" in low:
+        return "malformed request: bad request line"
+    if "header" in low:
+        return "malformed request: bad header field"
+    if "content-length" in low or "transfer-encoding" in low or "chunk" in low:
+        return "malformed request: bad body framing"
+    return "malformed request"
+
+
 class Reject(layer.Layer):
     """Close the guest connection at once, optionally after sending `payload`."""
 
@@ -192,8 +206,11 @@ class GuestHttp1Server(Http1Server):
             if self._deadline is None:
                 yield from self._arm(self._head_timeout)
 
-    def _refuse(self, status: int, detail: str) -> layer.CommandGenerator[None]:
-        yield commands.Log(f"{self.conn.peername}: {status} {detail}")
+    def _refuse(self, status: int, detail: str, audit_detail: str | None = None) -> layer.CommandGenerator[None]:
+        """Answer `status` with `detail` (the guest may see its own bytes quoted back) and close;
+        the audit gets `audit_detail`, which must never quote the request (query strings)."""
+        detail_for_audit = audit_detail if audit_detail is not None else detail
+        yield commands.Log(f"{self.conn.peername}: {status} {detail_for_audit}")
         yield commands.SendData(self.conn, text_response(status, detail))
         yield commands.CloseConnection(self.conn)
         self.state = self.done
@@ -201,7 +218,7 @@ class GuestHttp1Server(Http1Server):
         if self.request is None:
             # tell the addon (it audits); mitmproxy has no hook for a request that never parsed
             if ON_REFUSED is not None:
-                ON_REFUSED(self.context.client, status, detail)
+                ON_REFUSED(self.context.client, status, detail_for_audit)
 
     # Copied from mitmproxy 11.0.2 Http1Server.read_headers, with the size limit and text bodies.
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
@@ -221,7 +238,7 @@ class GuestHttp1Server(Http1Server):
                     raise ValueError("control character in the request target")
             except ValueError as e:
                 self.request = None
-                yield from self._refuse(400, f"malformed request: {e}")
+                yield from self._refuse(400, f"malformed request: {e}", _malformed_kind(str(e)))
                 return
             yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, expected_body_size == 0))
             from mitmproxy.proxy.layers.http._http1 import make_body_reader

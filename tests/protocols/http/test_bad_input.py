@@ -191,3 +191,10 @@ async def test_endless_upstream_response_head_is_cut_off(make_service, lab, tmp_
         assert sent < 5_000_000  # cut off early, not after buffering tens of MB
     finally:
         server.close()
+
+
+async def test_refusal_audit_never_quotes_the_request(svc) -> None:
+    out = await raw_exchange(svc.addr("transparent"), b"GET /x?token=s3cret HTTP/1.1 junk\r\nHost: a\r\n\r\n")
+    assert status_of(out) == 400
+    rec = svc.records(status=400)[-1]
+    assert "s3cret" not in repr(rec) and rec["reason"] == "malformed request: bad request line"
