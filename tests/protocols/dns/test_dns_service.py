@@ -403,3 +403,26 @@ async def test_per_guest_udp_flood_is_bounded(make_proxy, upstream1) -> None:
     assert (await dig(PROXY_IP, p.port, "www.lab.test", "A")).status == "NOERROR"
     flooder = [r for r in p.records() if r["guest"] == "flooder"]
     assert len(flooder) == answers  # dropped floods are counted, not audited one by one
+
+
+async def test_tcp_guest_that_never_reads_is_disconnected(make_proxy, upstream1) -> None:
+    p = await make_proxy(up_yaml(upstream1), "limits: {tcp_pipeline: 64}")
+    await dig(PROXY_IP, p.port, "big.lab.test", "TXT", "+tcp")  # cached: answers are immediate
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((p.ip, p.port))
+    sock.setblocking(False)
+    frame = _frame(dns.message.make_query("big.lab.test", "TXT"))
+    for _ in range(3000):  # ~9 MB of answers that nobody reads
+        try:
+            sock.send(frame)
+        except (BlockingIOError, ConnectionResetError, BrokenPipeError):
+            break
+        await asyncio.sleep(0)
+    for _ in range(100):
+        if p.svc.stats["tcp_slow_reader_closed"]:
+            break
+        await asyncio.sleep(0.05)
+    sock.close()
+    assert p.svc.stats["tcp_slow_reader_closed"] == 1
+    assert (await dig(PROXY_IP, p.port, "www.lab.test", "A", "+tcp")).status == "NOERROR"
