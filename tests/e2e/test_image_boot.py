@@ -50,7 +50,7 @@ WWW_IP = "198.19.0.80"
 
 BOOT_TIMEOUT = float(os.environ.get("PROXYVM_BOOT_TIMEOUT", "420"))  # TCG on 2 shared cores
 TOOLS = ("qemu-system-x86_64", "qemu-img", "ip", "dig", "unbound", "dnssec-keygen", "dnssec-signzone",
-         "dnssec-dsfromkey", "mkfs.vfat", "mcopy", "curl")
+         "dnssec-dsfromkey", "mkfs.vfat", "mcopy", "genisoimage", "curl")
 
 
 def _skip_reason() -> str | None:
@@ -190,7 +190,7 @@ rules:
 
 
 def config_drive(d: Path, ca_pem: Path, anchor: Path, rules: str, with_dns: bool, with_gateway: bool,
-                 with_http: bool = False) -> Path:
+                 with_http: bool = False, iso: bool = False) -> Path:
     src = d / "src"
     shutil.rmtree(src, ignore_errors=True)
     (src / "network").mkdir(parents=True)
@@ -230,8 +230,8 @@ def config_drive(d: Path, ca_pem: Path, anchor: Path, rules: str, with_dns: bool
         f"[Match]\nName=eth0\n\n[Network]\nAddress={PROXY_OUT}/24\nGateway={HOST_OUT}\n"
         "LinkLocalAddressing=no\nIPv6AcceptRA=no\n\n[Link]\nRequiredForOnline=no\n"
     )
-    out = d / "config.img"
-    sh(str(MKDRIVE), str(src), str(out))
+    out = d / ("config.iso" if iso else "config.img")
+    sh(str(MKDRIVE), *(["--iso"] if iso else []), str(src), str(out))
     return out
 
 
@@ -509,7 +509,7 @@ def test_policy_change_by_hotplugging_a_new_config_drive(vm: Booted) -> None:
     assert "status: NOERROR" in vm.dig("blocked.lab.test").stdout
     mark = len(vm.console())
     drive2 = config_drive(vm.workdir / "drive2", vm.ca_pem, vm.anchor, RULES_BLOCK, vm.with_dns, vm.with_gateway,
-                          vm.with_http)
+                          vm.with_http, iso=True)  # the ISO 9660 flavour of the drive
     vm.swap_drive(drive2)
     vm.wait_console(r"proxyvm-config: applied config drive", 180, start=mark)
     vm.wait_console(r"proxyvm-config: proxyvm: reload done", 60, start=mark)
