@@ -75,7 +75,7 @@ class Upstream:
 
 def start_unbound(
     workdir: Path, ca: LabCA | None, address: str, *, name: str = "", dot_port: int = 853, plain_only: bool = False,
-    extra: str = "",
+    extra: str = "", expired: bool = False,
 ) -> Upstream:
     """A real Unbound on `address`: DoT on `dot_port` with a lab certificate for `name` (or, with
     plain_only, plaintext DNS on `dot_port`), plus plaintext port 53, all logging queries."""
@@ -88,7 +88,7 @@ def start_unbound(
         tls = ""
     else:
         assert ca is not None
-        cert, key = ca.issue([name], stem=f"dot-{address}-{dot_port}")
+        cert, key = ca.issue([name], stem=f"dot-{address}-{dot_port}", expired=expired)
         ifaces = f"    interface: {address}@{dot_port}\n    interface: {address}@53\n"
         tls = f"""    tls-port: {dot_port}
     tls-service-key: "{key}"

@@ -269,3 +269,15 @@ async def test_stalled_upstream_in_flight_queries_retried_elsewhere(make_proxy, 
     finally:
         os.kill(victim.daemon.pid, signal.SIGCONT)
         victim.stop()
+
+
+async def test_expired_upstream_certificate_is_refused(make_proxy, lab_dir: Path, lab_ca: LabCA) -> None:
+    up = start_unbound(lab_dir, lab_ca, pick_ip(), name="old.lab.test", expired=True)
+    try:
+        p = await make_proxy(up_yaml(up))
+        r = await dig(PROXY_IP, p.port, "expiredcert.lab.test", "A")
+        assert r.status == "SERVFAIL" and r.ede and r.ede[0][0] == 23, r.text
+        assert "expired" in p.records()[-1]["alarm"]
+        _no_plaintext_queries(up, "expiredcert.lab.test")
+    finally:
+        up.stop()
