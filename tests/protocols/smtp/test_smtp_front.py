@@ -356,6 +356,7 @@ async def test_spool_full_is_452_431_nothing_acknowledged(tmp_path, start_servic
     w.close()
     assert run.spool_ids() == [] and list((spool / "tmp").iterdir()) == []
     (spool / "filler").unlink()
+    await asyncio.sleep(0.3)
     rc, out = await swaks(run.server, "--from", "a@example.com", "--to", "b@example.org")
     assert rc == 0 and "queued as" in out, out
     await run.service.drain(1.0)
