@@ -80,19 +80,25 @@ class CacheEntry:
 
 
 class Cache:
-    """LRU cache of CacheEntry by key. `get` returns only fresh entries; `get_stale` also those
-    expired less than `serve_stale` seconds ago."""
+    """LRU cache of CacheEntry by key, bounded by entries and by bytes of stored answers. `get`
+    returns only fresh entries; `get_stale` also those expired less than `serve_stale` seconds ago."""
 
-    def __init__(self, size: int, serve_stale: float = 0.0) -> None:
+    def __init__(self, size: int, serve_stale: float = 0.0, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self.serve_stale = serve_stale
         self._d: OrderedDict[bytes, CacheEntry] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._d)
+
+    def _drop(self, key: bytes) -> None:
+        e = self._d.pop(key)
+        self.bytes -= len(e.wire) + len(key)
 
     def get(self, key: bytes, now: float) -> CacheEntry | None:
         e = self._d.get(key)
@@ -101,7 +107,7 @@ class Cache:
             return None
         if now >= e.expires:
             if now >= e.expires + self.serve_stale:
-                del self._d[key]
+                self._drop(key)
             self.misses += 1
             return None
         self._d.move_to_end(key)
@@ -117,11 +123,15 @@ class Cache:
     def put(self, key: bytes, entry: CacheEntry) -> None:
         if self.size <= 0:
             return
+        if key in self._d:
+            self._drop(key)
         self._d[key] = entry
-        self._d.move_to_end(key)
-        while len(self._d) > self.size:
-            self._d.popitem(last=False)
+        self.bytes += len(entry.wire) + len(key)
+        while len(self._d) > self.size or (self.bytes > self.max_bytes and len(self._d) > 1):
+            old, e = self._d.popitem(last=False)
+            self.bytes -= len(e.wire) + len(old)
             self.evictions += 1
 
     def clear(self) -> None:
         self._d.clear()
+        self.bytes = 0

@@ -102,7 +102,7 @@ class Forwarder:
         self.settings = settings
         self.log = log
         self.clock = clock
-        self.cache = Cache(settings.cache.size, settings.cache.serve_stale)
+        self.cache = Cache(settings.cache.size, settings.cache.serve_stale, settings.cache.max_bytes)
         self.pool = UpstreamPool(settings, log)
         self.flights: dict[bytes, asyncio.Future[CacheEntry]] = {}
         self._fetch_cache: OrderedDict[tuple[bytes, int], tuple[float, dns.message.Message]] = OrderedDict()
@@ -394,6 +394,7 @@ class Forwarder:
         return {
             "upstreams": self.pool.health(),
             "cache_entries": len(self.cache),
+            "cache_bytes": self.cache.bytes,
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
             "upstream_queries": self.upstream_queries,

@@ -37,6 +37,7 @@ class UpstreamSettings:
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     size: int = 100_000  # entries
+    max_bytes: int = 256 * 1024 * 1024  # and bytes of stored answers (a cache of big TXT answers)
     min_ttl: int = 0
     max_ttl: int = 86_400
     negative_max_ttl: int = 3_600  # RFC 2308 §5 cap for NXDOMAIN/NODATA
@@ -154,12 +155,15 @@ def _upstream(node: Node) -> UpstreamSettings:
 
 
 def _cache(node: Node) -> CacheSettings:
-    allowed = {"size", "min_ttl", "max_ttl", "negative_max_ttl", "bogus_ttl", "serve_stale", "stale_answer_ttl"}
+    allowed = {"size", "max_bytes", "min_ttl", "max_ttl", "negative_max_ttl", "bogus_ttl", "serve_stale",
+               "stale_answer_ttl"}
     m = node.get_map(allowed=allowed, what="dns.cache")
     d = CacheSettings()
     kw: dict[str, object] = {}
     if "size" in m:
         kw["size"] = m["size"].int(min=0, max=50_000_000, what="cache size")
+    if "max_bytes" in m:
+        kw["max_bytes"] = m["max_bytes"].size("cache max_bytes")
     for key in ("min_ttl", "max_ttl", "negative_max_ttl", "bogus_ttl", "stale_answer_ttl"):
         if key in m:
             v = m[key].duration(key)

@@ -140,6 +140,13 @@ def test_cache_ttl_countdown_expiry_lru_and_stale() -> None:
     c.get(b"a", 1)
     c.put(b"c", _entry(0))  # evicts the least recently used: b
     assert c.get(b"b", 1) is None and c.get(b"a", 1) is not None and len(c) == 2
+    one = len(_entry(0).wire) + 1
+    small = Cache(size=100, max_bytes=3 * one)
+    for k in (b"1", b"2", b"3", b"4", b"5"):
+        small.put(k, _entry(0))
+    assert len(small) == 3 and small.bytes == 3 * one and small.get(b"1", 1) is None
+    small.put(b"5", _entry(0))  # replacing an entry does not count it twice
+    assert small.bytes == 3 * one
 
 
 # -- answer shaping (Forwarder._entry) --------------------------------------------------------------
@@ -199,7 +206,7 @@ def test_settings_full(tmp_path: Path) -> None:
       ca_file: ca.pem
       dnssec: false
       trust_anchors: root.key
-      cache: {size: 10, serve_stale: true, max_ttl: 1h, bogus_ttl: 10s}
+      cache: {size: 10, max_bytes: 64MB, serve_stale: true, max_ttl: 1h, bogus_ttl: 10s}
       rebinding_protection: false
       timeouts: {query: 3s, upstream: 1s, tcp_idle: 5s}
       limits: {inflight: 5, tcp_connections: 3}
@@ -210,6 +217,7 @@ def test_settings_full(tmp_path: Path) -> None:
     assert s.upstreams[1].address == "[2001:db8::53]:853"
     assert s.ca_file == tmp_path / "ca.pem" and s.dnssec == "off" and not s.validate
     assert s.cache.size == 10 and s.cache.serve_stale == 86400 and s.cache.max_ttl == 3600
+    assert s.cache.max_bytes == 64_000_000
     assert s.timeouts.query == 3 and s.limits.inflight == 5 and not s.rebinding_protection
     assert _parse("dns:\n  dnssec: validate\n", tmp_path).validate
     assert _parse("dns:\n  listen: 127.0.0.1:53\n", tmp_path).upstreams[0].name == "dns.quad9.net"
