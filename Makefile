@@ -1,13 +1,13 @@
 # proxyvm — build entry points. `make image` must run as root on Debian 12 (see image-build/README.md).
 .PHONY: image boot-test clean-image
 
-PYTHON ?= $(shell test -x /tmp/pvenv/bin/python && echo /tmp/pvenv/bin/python || echo python3)
+PYTHON ?= $(shell for p in .venv/bin/python /tmp/pvenv/bin/python; do test -x $$p && echo $$p && break; done)
 
 image:
 	image-build/build.sh
 
 boot-test: image
-	$(PYTHON) -m pytest -q -m e2e tests/e2e/test_image_boot.py
+	$(PYTHON) -m pytest -q -s -m e2e tests/e2e/test_image_boot.py
 
 clean-image:
 	rm -rf out/proxyvm* out/.proxyvm.key image-build/work

@@ -45,7 +45,9 @@ MBR_BIN=/usr/lib/syslinux/mbr/mbr.bin
 
 # Host Python that builds the wheels; must be 3.11 like the image's (binary wheels must match).
 if [ -z "${BUILD_PYTHON:-}" ]; then
-	if [ -x /tmp/pvenv/bin/python ]; then
+	if [ -x "$repo/.venv/bin/python" ]; then # scripts/bootstrap's venv (CI)
+		BUILD_PYTHON=$repo/.venv/bin/python
+	elif [ -x /tmp/pvenv/bin/python ]; then
 		BUILD_PYTHON=/tmp/pvenv/bin/python
 	else
 		if [ ! -x "$CACHE/build-venv/bin/python" ]; then
@@ -231,6 +233,8 @@ sed -e "s|@NAME@|proxyvm-sidecar|g" -e "s|@IMAGE@|/var/lib/libvirt/images/proxyv
 	-e "s|@CONFIG_DRIVE@|/var/lib/libvirt/images/proxyvm-config.img|" \
 	-e "s|@OUTSIDE_NETWORK@|default|" -e "s|@INSIDE_BRIDGE@|pvmbr0|" \
 	"$here/sidecar.xml.in" >"$OUT/proxyvm-sidecar.xml"
+sed -e "s|@NETWORK@|pvm-inside|g" -e "s|@BRIDGE@|pvmbr0|g" "$here/inside-network.xml.in" \
+	>"$OUT/proxyvm-inside-network.xml"
 cp "$WORK/packages.txt" "$OUT/proxyvm-packages.txt"
 cp "$WORK/python.txt" "$OUT/proxyvm-python.txt"
 qcow_bytes=$(stat -c %s "$OUT/proxyvm.qcow2")

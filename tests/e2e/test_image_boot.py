@@ -551,6 +551,13 @@ def test_sidecar_template_has_both_networks_and_the_config_drive() -> None:
     assert disks[1].find("readonly") is not None and disks[1].find("boot") is None
     assert dom.find("./devices/console/target").get("type") == "serial"
     assert dom.find("./features/acpi") is not None  # virsh shutdown = ACPI power button
+    net = ET.parse(OUT / "proxyvm-inside-network.xml").getroot()
+    assert net.find("forward") is None and net.find("ip") is None  # isolated: the host takes no part
+    assert net.find("bridge").get("name") == ifaces[1].find("source").get("bridge")
+    if shutil.which("virt-xml-validate"):  # libvirt's own schema: `virsh define` will accept them
+        for path, kind in ((OUT / "proxyvm-sidecar.xml", "domain"), (OUT / "proxyvm-inside-network.xml", "network")):
+            r = sh("virt-xml-validate", str(path), kind, check=False)
+            assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_powers_off_cleanly_and_reports_figures(vm: Booted) -> None:
