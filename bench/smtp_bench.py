@@ -127,8 +127,9 @@ def main() -> int:
             contenders = [("postfix relay (verify)", f"{RELAY_IP}:25"), ("proxyvm", f"{PROXY_IP}:{port}")]
             if args.only:
                 contenders = [c for c in contenders if c[0].startswith(args.only)]
-            for name, target in contenders:
-                for i in range(args.runs):
+            # interleaved (A B A B ...): on a shared machine the load drifts during a bench
+            for i in range(args.runs):
+                for name, target in contenders:
                     acc, dlv = run_one(sink, target, args.n, size, args.s)
                     results.setdefault((name, size), []).append((acc, dlv))
                     print(f"  {name:<24} {size:>6} B run {i + 1}: accepted {acc:7.1f}/s  delivered {dlv:7.1f}/s",
