@@ -130,6 +130,35 @@ class ReplyFrom:
         self._socks.clear()
 
 
+def send_from(sock: socket.socket, reply: ReplyFrom, data: bytes, dst: Address, orig: Address | None) -> None:
+    """Send `data` to the guest `dst` from its original destination `orig`. When the original port
+    is the listener's own port (53/161/162 steered to listeners on the same ports), the listening
+    socket itself sends, with IP_PKTINFO naming the source address: the socket's IP_TRANSPARENT
+    flag, set before privileges were dropped, allows a non-local source with no capability now.
+    Otherwise a per-address transparent socket (`reply`) sends it."""
+    local = sock.getsockname()[:2]
+    if orig is None or tuple(orig) == tuple(local):
+        sock.sendto(data, dst)
+    elif orig[1] == local[1] and sock.family == socket.AF_INET:
+        pktinfo = struct.pack("=I4s4s", 0, socket.inet_aton(orig[0]), b"\0" * 4)
+        sock.sendmsg([data], [(socket.SOL_IP, IP_PKTINFO, pktinfo)], 0, dst)
+    else:
+        reply.sendto(data, dst, orig)
+
+
+class OrigSrc(tuple):
+    """A guest's (ip, port) that also carries the original destination ("ip:port") it asked for,
+    so a service can put it in the audit record without changing its call signatures."""
+
+    orig: str | None = None
+
+    @classmethod
+    def of(cls, src: tuple, orig: Address | None) -> OrigSrc:
+        out = cls(src)
+        out.orig = f"{orig[0]}:{orig[1]}" if orig else None
+        return out
+
+
 Handler = Callable[[bytes, Address, Address | None], Awaitable[bytes | None]]
 
 
@@ -173,18 +202,7 @@ class TransparentUDP:
             pass
 
     def send_reply(self, data: bytes, dst: Address, orig: Address | None) -> None:
-        """Send `data` to the guest from its original destination. When the original port is our
-        own port (53/161/162 steered to listeners on the same ports), the listening socket itself
-        sends with IP_PKTINFO naming the source address: the socket's IP_TRANSPARENT flag, set
-        before privileges were dropped, allows a non-local source without any capability now."""
-        local = self.sock.getsockname()[:2]
-        if orig is None or tuple(orig) == tuple(local):
-            self.sock.sendto(data, dst)
-        elif orig[1] == local[1] and self.sock.family == socket.AF_INET:
-            pktinfo = struct.pack("=I4s4s", 0, socket.inet_aton(orig[0]), b"\0" * 4)
-            self.sock.sendmsg([data], [(socket.SOL_IP, IP_PKTINFO, pktinfo)], 0, dst)
-        else:
-            self.reply.sendto(data, dst, orig)
+        send_from(self.sock, self.reply, data, dst, orig)
 
     def close(self) -> None:
         if self._loop is not None:

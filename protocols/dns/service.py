@@ -28,6 +28,14 @@ from protocols.dns import wire
 from protocols.dns.cache import CacheEntry
 from protocols.dns.forwarder import Forwarder, Resolution
 from protocols.dns.settings import DNSSettings
+from protocols.transparent import (
+    OrigSrc,
+    ReplyFrom,
+    open_transparent_udp,
+    recv_with_orig_dst,
+    send_from,
+    tcp_original_dst,
+)
 
 Send = Callable[[bytes | None], None]
 
@@ -128,6 +136,45 @@ class _UDPListener:
             self.sock.close()
 
 
+class _TransparentUDPListener(_UDPListener):
+    """Gateway mode: queries arrive by TPROXY for any resolver address the guest asked; each answer
+    leaves from that address (protocols.transparent), and the audit names it (`orig_dst`)."""
+
+    def __init__(self, svc: DNSService, sock: socket.socket) -> None:
+        super().__init__(svc, sock)
+        self.reply = ReplyFrom()
+
+    def _ready(self) -> None:
+        handle, svc = self.svc.handle, self.svc
+        for _ in range(self.BATCH):
+            try:
+                data, addr, orig = recv_with_orig_dst(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                svc.stats["udp_errors"] += 1
+                return
+
+            def send(resp: bytes | None, addr: tuple[Any, ...] = addr, orig: Any = orig) -> None:
+                if resp is not None and not self.closed:
+                    try:
+                        send_from(self.sock, self.reply, resp, addr, orig)
+                    except (BlockingIOError, InterruptedError):
+                        svc.stats["udp_send_dropped"] += 1
+                    except OSError:
+                        svc.stats["udp_errors"] += 1
+
+            try:
+                handle(data, OrigSrc.of(addr, orig), send, False)
+            except Exception:  # one bad packet never stops a listener
+                svc.stats["internal_errors"] += 1
+                svc.log.exception("dns: unexpected error on a UDP query from %s", addr[0])
+
+    def close(self) -> None:
+        super().close()
+        self.reply.close()
+
+
 class _TCP(asyncio.Protocol):
     """One guest TCP connection: length-prefixed queries, answered as each completes."""
 
@@ -145,6 +192,9 @@ class _TCP(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("socket")
+        if self.svc.transparent and sock is not None:  # REDIRECTed: remember what the guest asked
+            self.peer = OrigSrc.of(self.peer, tcp_original_dst(sock))
         self.guest = self.svc.guest_of(self.peer[0])
         svc = self.svc
         if svc.tcp_per_guest[self.guest] >= svc.settings.limits.tcp_connections:
@@ -228,6 +278,8 @@ class DNSService:
         self.engine = ctx.engine
         self.log = ctx.log
         self.fw: Forwarder | None = None
+        # transparent gateway mode (`gateway:` in the config): TPROXY'd UDP, REDIRECTed TCP
+        self.transparent = getattr(ctx.config, "gateway", None) is not None
         self.transports: list[_UDPListener] = []
         self.servers: list[asyncio.AbstractServer] = []
         self.tcp_conns: set[_TCP] = set()
@@ -252,16 +304,21 @@ class DNSService:
         out: list[str] = []
         try:
             for host, port in self.settings.listen:
-                fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(fam, socket.SOCK_DGRAM)
-                try:
+                if self.transparent:
+                    # `gateway:` configured: guests' queries to any address arrive by TPROXY
+                    sock = open_transparent_udp(host, port)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
-                    sock.bind((host, port))
-                except OSError:
-                    sock.close()
-                    raise
+                else:
+                    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sock = socket.socket(fam, socket.SOCK_DGRAM)
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+                        sock.bind((host, port))
+                    except OSError:
+                        sock.close()
+                        raise
                 port = sock.getsockname()[1]
-                listener = _UDPListener(self, sock)
+                listener = (_TransparentUDPListener if self.transparent else _UDPListener)(self, sock)
                 listener.start(loop)
                 self.transports.append(listener)
                 srv = await loop.create_server(lambda: _TCP(self), host, port, reuse_address=True, backlog=512)
@@ -369,6 +426,9 @@ class DNSService:
         }
         if extra:
             rec.update(extra)
+        orig = getattr(src, "orig", None)
+        if orig:
+            rec["orig_dst"] = orig
         self.ctx.audit.emit(rec)
         obs = self.ctx.observe
         if obs is not None:
