@@ -114,18 +114,21 @@ fi
 rm -f "$OUT/.proxyvm.key"
 
 # ---------------------------------------------------------------- 2. wheels
+# $WORK/wheels ends up holding exactly the resolved set (proxyvm + dependencies + pip); downloads
+# are kept in $CACHE/wheels for the next build.
 wheels=$WORK/wheels
-rm -rf "$wheels"
-mkdir -p "$wheels"
+rm -rf "$wheels" "$WORK/proxyvm-wheel"
+mkdir -p "$wheels" "$WORK/proxyvm-wheel"
 # Machine-local pip configurations may name absent mirrors; their warnings are noise here.
 quiet_pip() { "$BUILD_PYTHON" -m pip "$@" 2> >(grep -v "^WARNING: Location .* is ignored" >&2); }
 log "wheels: proxyvm from $repo"
-quiet_pip wheel -q --no-deps -w "$wheels" "$repo"
-proxyvm_whl=$(ls "$wheels"/proxyvm-*.whl)
+quiet_pip wheel -q --no-deps -w "$WORK/proxyvm-wheel" "$repo"
+proxyvm_whl=$(ls "$WORK"/proxyvm-wheel/proxyvm-*.whl)
 log "wheels: dependencies (cache $CACHE/wheels)"
-quiet_pip wheel -q -w "$CACHE/wheels" --find-links "$CACHE/wheels" "$proxyvm_whl"
-quiet_pip download -q -d "$CACHE/wheels" --find-links "$CACHE/wheels" --only-binary=:all: pip
-rm -f "$CACHE"/wheels/proxyvm-*.whl
+quiet_pip wheel -q -w "$wheels" --find-links "$CACHE/wheels" "$proxyvm_whl"
+quiet_pip download -q -d "$wheels" --find-links "$CACHE/wheels" --only-binary=:all: pip
+find "$wheels" -name '*.whl' ! -name 'proxyvm-*' -exec cp -n {} "$CACHE/wheels/" \;
+cp "$proxyvm_whl" "$wheels/"
 
 # ---------------------------------------------------------------- 3. root tree
 root=$WORK/rootfs
@@ -140,7 +143,7 @@ log "root tree: user, venv, proxyvm"
 in_root useradd --system --user-group --home-dir /var/lib/proxyvm --no-create-home \
 	--shell /usr/sbin/nologin --comment "proxyvm proxy" proxyvm
 mkdir -p "$root/tmp/wheels"
-cp "$proxyvm_whl" "$CACHE"/wheels/*.whl "$root/tmp/wheels/"
+cp "$wheels"/*.whl "$root/tmp/wheels/"
 pip_whl=$(cd "$root/tmp/wheels" && ls pip-*.whl | sort -V | tail -1)
 in_root python3 -m venv --without-pip /opt/proxyvm
 # pip runs from its wheel and is not left in the image; everything installs offline from wheels.
