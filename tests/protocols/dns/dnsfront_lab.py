@@ -109,11 +109,15 @@ def start_unbound(
     check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True)
     if check.returncode != 0:
         raise RuntimeError(f"bad unbound.conf: {check.stdout}{check.stderr}\n{conf.read_text()}")
-    daemon = Daemon(
-        [UNBOUND, "-d", "-c", str(conf)],
-        ready=lambda: wait_port(address, dot_port, "tcp", timeout=0.2) is None,
-        log=d / "stderr.log",
-    ).start()
+    starts = log.read_text(errors="replace").count("start of service") if log.exists() else 0
+
+    def ready() -> bool:
+        # Our own instance said it serves (a port test alone could be answered by a stranger's
+        # daemon on the same address: another engineer's test run on this machine).
+        return log.exists() and log.read_text(errors="replace").count("start of service") > starts
+
+    daemon = Daemon([UNBOUND, "-d", "-c", str(conf)], ready=ready, log=d / "stderr.log", timeout=20).start()
+    wait_port(address, dot_port, "tcp", timeout=5)
     return Upstream(address, dot_port, name, log, daemon, cert)
 
 
