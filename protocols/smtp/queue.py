@@ -50,6 +50,7 @@ class QueueRunner:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._sem = asyncio.Semaphore(settings.max_connections)
+        self.busy_guests: Callable[[], int] = lambda: 0
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._remover: asyncio.Task[None] | None = None
@@ -111,6 +112,13 @@ class QueueRunner:
                 await asyncio.to_thread(self.spool.remove_many, batch)
         await self.deliverer.close()
 
+    def concurrency(self) -> int:
+        """Deliveries in flight: `max_connections`, less one per guest session being served (never
+        below a quarter of it). Taking mail in and making it durable comes first; the queue catches
+        up as soon as guests go quiet, and a steady flood still leaves delivery a fair share."""
+        m = self.settings.max_connections
+        return max(max(1, m // 4), m - self.busy_guests())
+
     def stats(self) -> dict[str, int]:
         return {"queued": len(self.entries), "inflight": len(self._inflight),
                 "delivered": self.delivered, "bounced": self.bounced}
@@ -126,7 +134,8 @@ class QueueRunner:
                     self.log.info("smtp: flush requested; retrying %d queued messages", len(self.entries))
                     self.flush()
             now = self.clock()
-            while self._heap and self._heap[0][0] <= now and len(self._inflight) < self.settings.max_connections * 4:
+            limit = self.concurrency()
+            while self._heap and self._heap[0][0] <= now and len(self._inflight) < limit:
                 due, ident = heapq.heappop(self._heap)
                 entry = self.entries.get(ident)
                 if entry is None or ident in self._inflight:

@@ -267,6 +267,9 @@ class GuestSMTP(AioSMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.event_handler.sessions.discard(self)
+        runner = self.event_handler.service.runner
+        if runner is not None:
+            runner.wake()  # one guest fewer: delivery may widen (QueueRunner.concurrency)
         super().connection_lost(error)
 
     async def smtp_XPVMBADLINE(self, arg: str | None) -> None:
@@ -568,6 +571,7 @@ class SMTPService:
                               mx_port=self._mx_port, sts_port=self._sts_port)
         self.runner = QueueRunner(self.spool, deliverer, s, self.ctx.audit, self.ctx.log, self.ctx.clock)
         self.runner.load(entries)
+        self.runner.busy_guests = lambda: len(self.handler.sessions)
         loop = asyncio.get_running_loop()
         listening = []
         try:
