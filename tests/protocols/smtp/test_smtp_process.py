@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,6 +77,19 @@ def test_swaks_through_proxyvm_run_arrives_over_verified_tls(postfix_mx, lab_ca,
                             "127.0.5.2", "--from", "x@other.example", "--to", "bob@example.org"],
                            capture_output=True, text=True, timeout=60)
         assert "550 5.7.1" in r.stdout and "rule default" in r.stdout
+        # SIGHUP: a new rules file applies to the next RCPT, queued mail is untouched
+        (tmp_path / "rules.yaml").write_text(
+            "mode: enforce\ndefault: deny\nrules:\n  - id: lockdown\n    action: deny\n    protocol: smtp\n")
+        pvm.reload()
+        deadline = time.monotonic() + 15
+        while True:
+            r = subprocess.run(["swaks", "--server", PROXY_IP, "--port", str(smtp_port), "--local-interface",
+                                "127.0.5.2", "--from", "alice@example.com", "--to", "bob@example.org"],
+                               capture_output=True, text=True, timeout=60)
+            if "rule lockdown" in r.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert "550 5.7.1" in r.stdout and "rule lockdown" in r.stdout, r.stdout
 
 
 def test_kill9_right_after_250_then_restart_delivers_once(postfix_mx, lab_ca, tmp_path):
