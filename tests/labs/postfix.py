@@ -78,6 +78,7 @@ class PostfixLab:
         relay_ca: Path | None = None,
         connection_reuse: bool = False,
         smtps_port: int | None = None,  # also listen with implicit TLS (RFC 8314) on this port
+        sasl_mechs: str = "PLAIN LOGIN",
         extra: dict[str, str] | None = None,
     ):
         self.dir = Path(directory)
@@ -90,6 +91,7 @@ class PostfixLab:
         self.relay_to, self.relay_name, self.relay_ca = relay_to, relay_name, relay_ca
         self.connection_reuse = connection_reuse
         self.smtps_port = smtps_port
+        self.sasl_mechs = sasl_mechs
         self.extra = extra or {}
         self.conf = self.dir / "conf"
         self.queue = self.dir / "queue"
@@ -211,7 +213,7 @@ class PostfixLab:
             sasl.mkdir(exist_ok=True)
             db = self.dir / "sasldb2"
             (sasl / "smtpd.conf").write_text(
-                f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\nsasldb_path: {db}\n")
+                f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: {self.sasl_mechs}\nsasldb_path: {db}\n")
             for user, password in self.sasl_users.items():
                 subprocess.run(["saslpasswd2", "-p", "-c", "-f", str(db), "-u", "lab.test", user],
                                input=password.encode(), check=True)

@@ -287,3 +287,28 @@ async def test_reload_swaps_policy_without_dropping_sessions(tmp_path, start_ser
     assert (await chat(r, w, b"Subject: kept\r\n\r\nx\r\n.\r\n")).startswith("250 2.0.0")
     w.close()
     assert run.service.health()["state"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def postfix_login_only(lab_dir, mx_cert):
+    from tests.labs.postfix import PostfixLab
+    from tests.protocols.smtp.conftest import RELAY_USER, need_postfix
+
+    need_postfix()
+    lab = PostfixLab(lab_dir / "postfix-login", "127.0.5.13", 25, cert=mx_cert[0], key=mx_cert[1],
+                     hostname="login.lab.test", sasl_users={RELAY_USER: RELAY_PASSWORD}, sasl_mechs="LOGIN",
+                     extra={"mynetworks": "127.0.0.255/32"})  # nobody relays without AUTH here
+    lab.start()
+    yield lab
+    lab.stop()
+
+
+async def test_relay_auth_login(postfix_login_only, lab_ca, tmp_path, start_service):
+    run = await start_service(relay_settings(tmp_path / "spool", lab_ca.ca_pem, ip="127.0.5.13"))
+    tag = secrets.token_hex(6)
+    rc, out = await swaks(run.server, "--from", "a@example.com", "--to", "bob@example.org",
+                          "--header", f"Subject: login {tag}")
+    assert rc == 0, out
+    msg = await asyncio.to_thread(postfix_login_only.find, f"login {tag}".encode())
+    assert b"with ESMTPSA" in msg
+    assert "sasl_method=LOGIN" in postfix_login_only.tail(100_000)
