@@ -29,7 +29,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from protocols.dns import wire
-from protocols.dns.cache import Cache, CacheEntry
+from protocols.dns.cache import Cache, CacheEntry, make_entry
 from protocols.dns.settings import DNSSettings
 from protocols.dns.upstream import PoolFailure, UpstreamAnswer, UpstreamFailure, UpstreamPool
 
@@ -200,10 +200,8 @@ class Forwarder:
         if bits & wire.KEY_EDNS:
             w += wire.opt_rr(self.settings.edns_udp_size, bool(bits & wire.KEY_DO),
                              wire.ede_option(ede, reason[:200]))
-        entry = CacheEntry(w, (), (), stored=self.clock(), lifetime=lifetime,
-                           rcode=wire.SERVFAIL, qname=qname, qtype=qtype, status=status, ede=ede,
-                           upstream=ans.audit())
-        entry.reason = reason
+        entry = make_entry(w, (), (), stored=self.clock(), lifetime=lifetime, rcode=wire.SERVFAIL, qname=qname,
+                           qtype=qtype, status=status, ede=ede, upstream=ans.key(), reason=reason)
         if lifetime > 0:
             self.cache.put(key, entry)
         return entry
@@ -252,9 +250,9 @@ class Forwarder:
             rd.address for x in r.answer if x.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in x
         )
         private = tuple(ip for ip in ips if is_private_ip(ip))
-        entry = CacheEntry(
+        entry = make_entry(
             w, tuple(offsets), ttls, stored=self.clock(), lifetime=lifetime, rcode=rcode, qname=qname,
-            qtype=qtype, status=status, answer_ips=ips, private_ips=private, upstream=ans.audit(),
+            qtype=qtype, status=status, answer_ips=ips, private_ips=private, upstream=ans.key(),
         )
         if lifetime > 0:
             self.cache.put(key, entry)
@@ -346,10 +344,10 @@ class Forwarder:
                     private.append(text)
         if g_edns:
             out += wire.opt_rr(self.settings.edns_udp_size, g_do)
-        entry = CacheEntry(
+        entry = make_entry(
             bytes(out), tuple(ttl_at), tuple(ttls), stored=self.clock(), lifetime=lifetime, rcode=rcode,
             qname=qname, qtype=qtype, status=status, answer_ips=tuple(ips), private_ips=tuple(private),
-            upstream=ans.audit(),
+            upstream=ans.key(),
         )
         if lifetime > 0:
             self.cache.put(key, entry)

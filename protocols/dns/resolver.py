@@ -23,6 +23,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from protocols.dns import wire
+from protocols.dns.cache import E, wire_at
 from protocols.dns.forwarder import Forwarder, Resolution
 from protocols.dns.settings import DNSSettings
 
@@ -89,24 +90,24 @@ class Resolver:
                 entry = await fw.resolve(key, qname.to_text(omit_final_dot=True).lower(), dns.rdatatype.to_text(t))
             except Resolution as r:
                 return Resolved(dns.rcode.SERVFAIL, [], "indeterminate", r.ede, 0), None
-        status = entry.status or ("insecure" if fw.validator is None else "indeterminate")
-        if entry.rcode != dns.rcode.NOERROR:
-            return Resolved(entry.rcode, [], status, entry.ede, max(0, int(entry.expires - fw.clock()))), None
-        msg = dns.message.from_wire(entry.wire_at(fw.clock()))
+        status = entry[E.STATUS] or ("insecure" if fw.validator is None else "indeterminate")
+        if entry[E.RCODE] != dns.rcode.NOERROR:
+            return Resolved(entry[E.RCODE], [], status, entry[E.EDE], max(0, int(entry[E.EXPIRES] - fw.clock()))), None
+        msg = dns.message.from_wire(bytes(wire_at(entry, fw.clock())))
         target = msg.question[0].name
         ttl = 2**31
         for _ in range(_MAX_CNAME_CHAIN):
             found = msg.get_rrset(msg.answer, target, dns.rdataclass.IN, t)
             if found is not None:
-                return Resolved(dns.rcode.NOERROR, list(found), status, entry.ede, min(ttl, found.ttl)), None
+                return Resolved(dns.rcode.NOERROR, list(found), status, entry[E.EDE], min(ttl, found.ttl)), None
             cname = msg.get_rrset(msg.answer, target, dns.rdataclass.IN, dns.rdatatype.CNAME)
             if cname is None or t == dns.rdatatype.CNAME:
                 break
             ttl = min(ttl, cname.ttl)
             target = cname[0].target
         if target != msg.question[0].name:
-            return Resolved(dns.rcode.NOERROR, [], status, entry.ede, ttl), target
-        return Resolved(dns.rcode.NOERROR, [], status, entry.ede, 0), None
+            return Resolved(dns.rcode.NOERROR, [], status, entry[E.EDE], ttl), target
+        return Resolved(dns.rcode.NOERROR, [], status, entry[E.EDE], 0), None
 
     async def close(self) -> None:
         await self.fw.close()

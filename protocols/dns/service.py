@@ -25,7 +25,7 @@ import dns.rdatatype
 from policy.decision import Decision, ReasonCode, Verdict
 from protocols.base import ServiceContext
 from protocols.dns import wire
-from protocols.dns.cache import CacheEntry
+from protocols.dns.cache import CacheEntry, E, stale_wire, upstream_audit, wire_at
 from protocols.dns.forwarder import Forwarder, Resolution
 from protocols.dns.settings import DNSSettings
 from protocols.transparent import (
@@ -486,7 +486,7 @@ class DNSService:
         assert fw is not None
         entry = fw.cache.get(q.key, t0)
         if entry is not None:
-            qname, qtype = entry.qname, entry.qtype
+            qname, qtype = entry[E.QNAME], entry[E.QTYPE]
         else:
             qname, qtype = wire.qname_text(q.qname), qtype_text(q.qtype)
         if q.qclass != 1 or q.qtype in (_AXFR, _IXFR, _MAILA, _MAILB):
@@ -555,15 +555,15 @@ class DNSService:
 
     def _check_answer(self, entry: CacheEntry, guest: str, qname: str, qtype: str) -> tuple[Decision, str] | None:
         """answer_ip rules and rebinding protection: the decision that blocks this answer."""
-        if entry.answer_ips and self._answer_ip:
-            for ip in entry.answer_ips:
+        if entry[E.IPS] and self._answer_ip:
+            for ip in entry[E.IPS]:
                 d = self.engine.decide("dns", guest, {"qname": qname, "qtype": qtype, "answer_ip": ip})
                 if d.verdict is not Verdict.ALLOW:
                     return d, d.rule
-        if entry.private_ips and self.settings.rebinding_protection:
+        if entry[E.PRIVATE] and self.settings.rebinding_protection:
             if not self.engine.named_by_rule("dns", guest, "qname", qname):
                 monitor = str(getattr(self.engine, "mode", "enforce")) == "monitor"
-                ips = ", ".join(entry.private_ips[:4])
+                ips = ", ".join(entry[E.PRIVATE][:4])
                 d = _builtin(
                     Verdict.WOULD_DENY if monitor else Verdict.DENY, "rebinding-protection",
                     f"answer for {qname} points into a private range ({ips}) and no rule names {qname}",
@@ -575,26 +575,25 @@ class DNSService:
         self, data: bytes, q: wire.Query, entry: CacheEntry, d: Decision, guest: str, src: tuple[Any, ...],
         t0: float, send: Send, tcp: bool, how: str, stale: bool = False,
     ) -> None:
-        if entry.private_ips or (self._answer_ip and entry.answer_ips):
-            blocked = self._check_answer(entry, guest, entry.qname, entry.qtype)
+        if entry[E.PRIVATE] or (self._answer_ip and entry[E.IPS]):
+            blocked = self._check_answer(entry, guest, entry[E.QNAME], entry[E.QTYPE])
             if blocked is not None:
                 bd, text = blocked
                 if bd.verdict is Verdict.DENY:
                     self.stats["answers_blocked"] += 1
                     send(wire.error_response(data, q, wire.REFUSED, wire.EDE_BLOCKED, text, self.settings.edns_udp_size))
-                    self._audit(bd, guest, src, entry.qname, entry.qtype, t0, rcode=wire.REFUSED,
-                                upstream=entry.upstream, cache=how, ede=wire.EDE_BLOCKED)
+                    self._audit(bd, guest, src, entry[E.QNAME], entry[E.QTYPE], t0, rcode=wire.REFUSED,
+                                upstream=upstream_audit(entry[E.UPSTREAM]), cache=how, ede=wire.EDE_BLOCKED)
                     return
                 d = bd  # monitor mode: audited as would_deny, answered normally
         if stale:
-            w = wire.add_ede(entry.stale_wire(self.settings.cache.stale_answer_ttl), wire.EDE_STALE_ANSWER)
+            buf = bytearray(wire.add_ede(stale_wire(entry, self.settings.cache.stale_answer_ttl), wire.EDE_STALE_ANSWER))
         else:
-            w = entry.wire_at(t0)
-        buf = bytearray(w)
+            buf = wire_at(entry, t0)  # a fresh copy, patched in place below
         buf[0:2] = data[:2]
         buf[2] = wire.QR | (q.b2 & wire.RD)
-        ad = wire.AD if entry.status == "secure" and (q.do or q.b3 & wire.AD) and not q.b3 & wire.CD else 0
-        buf[3] = (w[3] & 0x8F) | ad | (q.b3 & wire.CD)
+        ad = wire.AD if entry[E.STATUS] == "secure" and (q.do or q.b3 & wire.AD) and not q.b3 & wire.CD else 0
+        buf[3] = (buf[3] & 0x8F) | ad | (q.b3 & wire.CD)
         ql = len(q.qname)
         buf[12 : 12 + ql] = q.qname
         if not tcp:
@@ -602,20 +601,20 @@ class DNSService:
             if len(buf) > limit:
                 self.stats["truncated"] += 1
                 send(wire.truncated(data, q, self.settings.edns_udp_size))
-                self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
-                            upstream=entry.upstream, cache=how, truncated=True)
+                self._audit(d, guest, src, entry[E.QNAME], entry[E.QTYPE], t0, rcode=entry[E.RCODE],
+                            upstream=upstream_audit(entry[E.UPSTREAM]), cache=how, truncated=True)
                 return
         send(bytes(buf))
-        if entry.reason:
-            self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
-                        upstream=entry.upstream, cache=how, dnssec=entry.status, ede=entry.ede,
-                        error=entry.reason)
-        elif entry.status is not None:
-            self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
-                        upstream=entry.upstream, cache=how, dnssec=entry.status)
+        if entry[E.REASON]:
+            self._audit(d, guest, src, entry[E.QNAME], entry[E.QTYPE], t0, rcode=entry[E.RCODE],
+                        upstream=upstream_audit(entry[E.UPSTREAM]), cache=how, dnssec=entry[E.STATUS], ede=entry[E.EDE],
+                        error=entry[E.REASON])
+        elif entry[E.STATUS] is not None:
+            self._audit(d, guest, src, entry[E.QNAME], entry[E.QTYPE], t0, rcode=entry[E.RCODE],
+                        upstream=upstream_audit(entry[E.UPSTREAM]), cache=how, dnssec=entry[E.STATUS])
         else:
-            self._audit(d, guest, src, entry.qname, entry.qtype, t0, rcode=entry.rcode,
-                        upstream=entry.upstream, cache=how)
+            self._audit(d, guest, src, entry[E.QNAME], entry[E.QTYPE], t0, rcode=entry[E.RCODE],
+                        upstream=upstream_audit(entry[E.UPSTREAM]), cache=how)
 
     async def _miss(
         self, fw: Forwarder, data: bytes, q: wire.Query, d: Decision, guest: str, src: tuple[Any, ...],

@@ -77,6 +77,10 @@ class UpstreamAnswer:
     tls: str
     resumed: bool
 
+    def key(self) -> tuple[str, str, str, bool]:
+        """What a cache entry keeps of it (a tuple: see protocols.dns.cache.E)."""
+        return (self.address, self.name, self.tls, self.resumed)
+
     def audit(self) -> dict[str, Any]:
         return {"address": self.address, "name": self.name, "tls": self.tls, "verified": True,
                 "resumed": self.resumed}

@@ -16,7 +16,7 @@ import pytest
 
 from policy.source import SourceError, parse_yaml
 from protocols.dns import wire
-from protocols.dns.cache import Cache, CacheEntry
+from protocols.dns.cache import Cache, CacheEntry, E, make_entry, stale_wire, wire_at
 from protocols.dns.forwarder import Forwarder, is_private_ip
 from protocols.dns.settings import DNSSettings, parse
 from protocols.dns.upstream import UpstreamAnswer
@@ -121,7 +121,7 @@ def _entry(now: float, ttl: int = 100) -> CacheEntry:
     r.answer.append(dns.rrset.from_text("a.example.", ttl, "IN", "A", "192.0.2.1"))
     w = r.to_wire()
     offs, _ = wire.scan(w)
-    return CacheEntry(w, tuple(offs), (ttl,), stored=now, lifetime=ttl, rcode=0, qname="a.example", qtype="A")
+    return make_entry(w, tuple(offs), (ttl,), stored=now, lifetime=ttl, rcode=0, qname="a.example", qtype="A")
 
 
 def test_cache_ttl_countdown_expiry_lru_and_stale() -> None:
@@ -130,17 +130,17 @@ def test_cache_ttl_countdown_expiry_lru_and_stale() -> None:
     c.put(b"k1", e)
     got = c.get(b"k1", 1010.4)
     assert got is e
-    assert dns.message.from_wire(got.wire_at(1010.4)).answer[0].ttl == 90
-    assert dns.message.from_wire(got.wire_at(1099.9)).answer[0].ttl == 1
+    assert dns.message.from_wire(bytes(wire_at(got, 1010.4))).answer[0].ttl == 90
+    assert dns.message.from_wire(bytes(wire_at(got, 1099.9))).answer[0].ttl == 1
     assert c.get(b"k1", 1100.0) is None and c.get_stale(b"k1", 1120.0) is e
-    assert dns.message.from_wire(e.stale_wire(30)).answer[0].ttl == 30
+    assert dns.message.from_wire(bytes(stale_wire(e, 30))).answer[0].ttl == 30
     assert c.get_stale(b"k1", 1151.0) is None
     c.put(b"a", _entry(0))
     c.put(b"b", _entry(0))
     c.get(b"a", 1)
     c.put(b"c", _entry(0))  # evicts the least recently used: b
     assert c.get(b"b", 1) is None and c.get(b"a", 1) is not None and len(c) == 2
-    one = len(_entry(0).wire) + 1
+    one = len(_entry(0)[E.WIRE]) + 1
     small = Cache(size=100, max_bytes=3 * one)
     for k in (b"1", b"2", b"3", b"4", b"5"):
         small.put(k, _entry(0))
@@ -174,14 +174,14 @@ def test_do0_guest_gets_no_dnssec_records_and_ttls_capped() -> None:
     question = dns.name.from_text("a.example").to_wire() + b"\x00\x01\x00\x01"
     e0 = fw._entry(question + bytes((wire.KEY_EDNS,)), "a.example", "A", dns.message.from_wire(r.to_wire()),
                    _answer(r), g_edns=True, g_do=False, status=None, vttl=None)
-    m0 = dns.message.from_wire(e0.wire)
+    m0 = dns.message.from_wire(e0[E.WIRE])
     assert [x.rdtype for x in m0.answer] == [dns.rdatatype.A] and m0.answer[0].ttl == 60
     e1 = fw._entry(question + bytes((wire.KEY_EDNS | wire.KEY_DO,)), "a.example", "A",
                    dns.message.from_wire(r.to_wire()), _answer(r), g_edns=True, g_do=True, status="secure", vttl=20)
-    m1 = dns.message.from_wire(e1.wire)
+    m1 = dns.message.from_wire(e1[E.WIRE])
     assert sorted(x.rdtype for x in m1.answer) == [dns.rdatatype.A, dns.rdatatype.RRSIG]
-    assert m1.ednsflags & dns.flags.DO and e1.expires - e1.stored == 20 and e1.status == "secure"
-    assert e0.answer_ips == ("192.0.2.1",) and e0.private_ips == ()
+    assert m1.ednsflags & dns.flags.DO and e1[E.EXPIRES] - e1[E.STORED] == 20 and e1[E.STATUS] == "secure"
+    assert e0[E.IPS] == ("192.0.2.1",) and e0[E.PRIVATE] == ()
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -282,14 +282,14 @@ def test_raw_answer_path_matches_dnspython_path(rcode, answer, soa, g_edns, g_do
     slow = fw._entry(key, "a.example", "A", dns.message.from_wire(r.to_wire()), _answer(r),
                      g_edns=g_edns, g_do=g_do, status=None, vttl=None)
     assert raw is not None
-    a, b = dns.message.from_wire(raw.wire), dns.message.from_wire(slow.wire)
+    a, b = dns.message.from_wire(raw[E.WIRE]), dns.message.from_wire(slow[E.WIRE])
     assert (a.rcode(), a.flags, a.question, a.answer, a.authority) == (b.rcode(), b.flags, b.question, b.answer, b.authority)
     assert [x.ttl for x in a.answer + a.authority] == [x.ttl for x in b.answer + b.authority]
     assert (a.edns, a.ednsflags, a.payload, a.options) == (b.edns, b.ednsflags, b.payload, b.options)
     assert not a.flags & (dns.flags.AA | dns.flags.AD)
-    assert raw.expires - raw.stored == pytest.approx(slow.expires - slow.stored)
-    assert raw.answer_ips == slow.answer_ips and raw.private_ips == slow.private_ips
-    assert (raw.expires > raw.stored) == (rcode in (0, 3) and bool(answer or soa))
+    assert raw[E.EXPIRES] - raw[E.STORED] == pytest.approx(slow[E.EXPIRES] - slow[E.STORED])
+    assert raw[E.IPS] == slow[E.IPS] and raw[E.PRIVATE] == slow[E.PRIVATE]
+    assert (raw[E.EXPIRES] > raw[E.STORED]) == (rcode in (0, 3) and bool(answer or soa))
 
 
 def test_service_audit_record_equals_base_audit_record() -> None:
@@ -349,7 +349,7 @@ def test_raw_strip_for_do0_guests(into_nsec: bool) -> None:
                         vttl=100)
     slow = fw._entry(key, "a.example", "A", dns.message.from_wire(r.to_wire()), _answer(r), g_edns=True,
                      g_do=False, status="secure", vttl=100)
-    b = dns.message.from_wire(slow.wire)
+    b = dns.message.from_wire(slow[E.WIRE])
     assert not any(x.rdtype in (dns.rdatatype.RRSIG, dns.rdatatype.NSEC) for x in b.answer + b.authority)
     if into_nsec:
         # "b.example. A" is written as a pointer into the NSEC owner name that stripping removes:
@@ -358,13 +358,26 @@ def test_raw_strip_for_do0_guests(into_nsec: bool) -> None:
         return
     # names after the removed RRSIG point into the kept NS record: their pointers were moved
     assert raw is not None
-    a = dns.message.from_wire(raw.wire)
+    a = dns.message.from_wire(raw[E.WIRE])
     assert (a.answer, a.authority, a.additional) == (b.answer, b.authority, b.additional)
     assert [x.ttl for x in a.answer + a.authority + a.additional] == [100] * 3
-    assert raw.status == "secure" and raw.expires - raw.stored == pytest.approx(100)
+    assert raw[E.STATUS] == "secure" and raw[E.EXPIRES] - raw[E.STORED] == pytest.approx(100)
     assert a.edns == 0 and not a.ednsflags & dns.flags.DO
     # the RRSIG survives when it is what was asked for
     qkey = dns.name.from_text("a.example").to_wire() + b"\x00\x2e\x00\x01" + bytes((wire.KEY_EDNS,))
     kept = fw._entry_raw(qkey, "a.example", "RRSIG", _answer(r), g_edns=True, g_do=False, strip=True)
     assert kept is not None
-    assert [x.rdtype for x in dns.message.from_wire(kept.wire).answer] == [dns.rdatatype.A, dns.rdatatype.RRSIG]
+    assert [x.rdtype for x in dns.message.from_wire(kept[E.WIRE]).answer] == [dns.rdatatype.A, dns.rdatatype.RRSIG]
+
+
+def test_cached_entries_are_invisible_to_the_garbage_collector() -> None:
+    """A full cache must not lengthen GC pauses: entries are tuples the collector untracks."""
+    import gc
+
+    c = Cache(size=1000)
+    for i in range(1000):
+        c.put(b"k%d" % i, _entry(0))
+    gc.collect()
+    gc.collect()  # one pass untracks the inner tuples, the next their entry
+    entries = list(c._d.values())
+    assert not any(gc.is_tracked(e) for e in entries)
