@@ -50,7 +50,7 @@ WWW_IP = "198.19.0.80"
 
 BOOT_TIMEOUT = float(os.environ.get("PROXYVM_BOOT_TIMEOUT", "420"))  # TCG on 2 shared cores
 TOOLS = ("qemu-system-x86_64", "qemu-img", "ip", "dig", "unbound", "dnssec-keygen", "dnssec-signzone",
-         "dnssec-dsfromkey", "mkfs.vfat", "mcopy", "genisoimage", "curl")
+         "dnssec-dsfromkey", "mkfs.vfat", "mcopy", "genisoimage", "curl", "tcpdump")
 
 
 def _skip_reason() -> str | None:
@@ -386,8 +386,12 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     unbound = None
     proc = None
     qmp = None
+    capture = None
     try:
         unbound = start_unbound(ns, d / "zone", ca)
+        # Everything the VM sends on its outside NIC, for test_only_dot_leaves_the_outside_nic.
+        capture = subprocess.Popen(ns.argv("tcpdump", "-i", ns.tap_out, "-U", "-n", "-w", str(d / "outside.pcap")),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         accel = "kvm" if kvm_works() else "tcg"
         serial = d / "serial.log"
         argv = ns.argv(
@@ -426,7 +430,7 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     finally:
         if qmp is not None:
             qmp.close()
-        for p in (proc, unbound):
+        for p in (proc, unbound, capture):
             if p is not None and p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait(10)
@@ -500,6 +504,18 @@ def test_http_proxy_in_the_vm_answers_with_the_policy(vm: Booted) -> None:
     body, _, code = r.stdout.rpartition("\n")
     assert code == "403", r.stdout + r.stderr
     assert "default" in body, body
+
+
+def test_only_dot_leaves_the_outside_nic(vm: Booted) -> None:
+    """Fail closed at the image level: after the DNS and HTTP exchanges above, every IP packet the VM
+    sent on its outside NIC is TLS to the DoT upstream's port 853: no plaintext DNS, no HTTP."""
+    if not vm.with_dns:
+        pytest.skip("DNS service not built yet (protocols/dns/service.py absent in the image)")
+    r = sh("tcpdump", "-nr", str(vm.workdir / "outside.pcap"), f"ip and src host {PROXY_OUT}", check=False)
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert lines, f"the VM sent nothing on its outside NIC (no DoT?): {r.stderr}"
+    stray = [ln for ln in lines if f" {PROXY_OUT}." not in ln or f"> {DOT}.853:" not in ln]
+    assert not stray, "\n".join(stray[:20])
 
 
 def test_policy_change_by_hotplugging_a_new_config_drive(vm: Booted) -> None:
