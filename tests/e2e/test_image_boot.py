@@ -126,7 +126,7 @@ def signed_zone(d: Path) -> Path:
     with zone.open("a") as f:
         for k in (ksk, zsk):
             f.write((d / f"{k}.key").read_text())
-    sh("dnssec-signzone", "-q", "-K", str(d), "-o", "lab.test", "-f", str(d / "lab.test.signed"), str(zone))
+    sh("dnssec-signzone", "-q", "-d", str(d), "-K", str(d), "-o", "lab.test", "-f", str(d / "lab.test.signed"), str(zone))
     ds = d / "lab-anchor.txt"
     ds.write_text(sh("dnssec-dsfromkey", str(d / f"{ksk}.key")).stdout)
     return ds
