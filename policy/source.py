@@ -282,7 +282,7 @@ class Node:
             if default_port is None:
                 raise self.fail(f"{what} {s!r} needs a port", f"write it as {s}:PORT")
             return host, default_port
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise self.fail(f"bad port in {what} {s!r}", "ports are 1-65535")
         if not host:
             raise self.fail(f"{what} {s!r} has no host")
