@@ -114,7 +114,8 @@ class Session:
                 if len(lines) > MAX_REPLY_LINES:
                     raise DeliveryError(f"{self.peer} [{self.address}] sent an endless reply")
         try:
-            return await asyncio.wait_for(_read(), timeout or self.reply_timeout)
+            async with asyncio.timeout(timeout or self.reply_timeout):  # no extra task per reply
+                return await _read()
         except TimeoutError:
             self.broken = True
             raise DeliveryError(f"{self.peer} [{self.address}] did not reply in time") from None

@@ -150,7 +150,8 @@ class QueueRunner:
                 wait = min(wait, max(0.0, self._heap[0][0] - now))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(wait, 0.01))
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._wake.wait()
             if reap_at <= now:
                 self.deliverer.reap()
                 reap_at = now + 5.0
