@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,12 @@ from tests.e2e.lab import GUEST_IP, OUTSIDE, PROXY_IN, Capture, NamespaceLab, la
 from tests.e2e.outside import DOT_NAME, start_unbound_dot
 from tests.labs.nginx_lab import NginxLab
 from tests.labs.pki import LabCA
+from tests.labs.postfix import PostfixLab
 from tests.labs.snmp_lab import SnmpAgent, TrapReceiverLab, V3User, have_netsnmp, run_tool
 
 why = lab_available() or (
-    None if shutil.which("unbound") and shutil.which("dig") and have_netsnmp() else "needs unbound, dig, net-snmp"
+    None if shutil.which("unbound") and shutil.which("dig") and have_netsnmp() and shutil.which("swaks")
+    and shutil.which("postfix") else "needs unbound, dig, net-snmp, swaks, postfix"
 )
 MONITOR = V3User("monitor", "SHA-256", "monitor-auth-pass", "AES-128", "monitor-priv-pass")
 TRAPPER = V3User("trapper", "SHA-512", "trapper-auth-pass", "AES-256", "trapper-priv-pass")
@@ -48,6 +52,11 @@ rules:
     action: allow
     protocol: snmp
     match: {op: [trap, inform]}
+  - id: mail-out
+    action: allow
+    protocol: smtp
+    guests: [web1]
+    match: {mail_from: ["*@lab.test"], rcpt_to: ["*@lab.test"]}
   - id: web
     action: allow
     protocol: http
@@ -104,6 +113,13 @@ snmp:
       auth: {{protocol: {TRAPPER.auth}, password_file: trap-auth}}
       priv: {{protocol: {TRAPPER.priv}, password_file: trap-priv}}
       inform: false
+smtp:
+  listen: ["{PROXY_IN}:25"]
+  spool: spool
+  relay: {{host: mx.lab.test, port: 25, address: "{OUTSIDE['smtp']}"}}
+  tls: verify
+  ca_file: {ca}
+  retry: {{first: 1s, max_age: 1h}}
 http:
   listen: ["{PROXY_IN}:80"]
   passthrough_listen: ["{PROXY_IN}:443"]
@@ -114,8 +130,10 @@ http:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e")
+def lab():
+    # The proxy's workers run as `nobody` and postfix as `postfix`: pytest's tmp dirs (0700 root)
+    # are closed to them, as /root would be; an operator's /etc/proxyvm and spool are not.
+    d = Path(tempfile.mkdtemp(prefix="pvm-e2e-"))
     d.chmod(0o755)
     ca = LabCA(d / "pki")
     with NamespaceLab() as lab:
@@ -126,6 +144,9 @@ def lab(tmp_path_factory):
                                     netns=lab.outside).start()
         lab.web = NginxLab(d / "web", main_ip=OUTSIDE["http"], untrusted_ip=OUTSIDE["http_untrusted"],  # type: ignore[attr-defined]
                            plain_ip=OUTSIDE["http_plain"], legacy_ip=None, netns=lab.outside).start()
+        mx_cert, mx_key = ca.issue(["mx.lab.test"], stem="mx")
+        lab.mx = PostfixLab(d / "mx", OUTSIDE["smtp"], 25, cert=mx_cert, key=mx_key,  # type: ignore[attr-defined]
+                            netns=lab.outside).start()
         cfg = _config(d, ca.ca_pem, lab.web.ca_pem)
         r = lab.run(lab.proxy, sys.executable, "-m", "proxyvm", "gateway", "up", "-c", str(cfg), check=False)
         assert r.returncode == 0, r.stderr
@@ -143,9 +164,11 @@ def lab(tmp_path_factory):
         cap = Capture(lab, lab.outside, "eth0", d / "outside.pcap").start()
         lab.capture = cap  # type: ignore[attr-defined]
         yield lab
+        lab.mx.stop()
         lab.web.stop()
         lab.agent.stop()
         lab.traps.stop()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _dig(lab: NamespaceLab, *args: str) -> str:
@@ -203,6 +226,20 @@ def test_snmp_trap_becomes_v3(lab) -> None:
     lines = lab.traps.wait_for("1.3.6.1.6.3.1.1.5.3", timeout=10)
     # the receiver accepts only v3 authPriv; the guest's address travels as snmpTrapAddress.0
     assert any(GUEST_IP in line for line in lines), lines
+
+
+def test_smtp_relayed_over_verified_starttls(lab) -> None:
+    marker = f"e2e-body-{uuid.uuid4().hex}"
+    r = lab.run(lab.guest, "swaks", "--server", OUTSIDE["smtp"], "--from", "app@lab.test", "--to", "ops@lab.test",
+                "--header", "Subject: e2e", "--body", marker, "--timeout", "20", check=False)
+    assert r.returncode == 0 and "250" in r.stdout, r.stdout[-1500:]
+    msg = lab.mx.find(marker.encode(), timeout=30)
+    assert b"ESMTPS" in msg and b"mx.lab.test" in msg  # Received: ... with ESMTPS: it crossed TLS
+    lab.marker = marker
+    # a recipient the policy has no rule for is refused at RCPT time
+    r = lab.run(lab.guest, "swaks", "--server", OUTSIDE["smtp"], "--from", "app@lab.test",
+                "--to", "someone@elsewhere.example", "--timeout", "20", check=False)
+    assert "550 5.7.1" in r.stdout, r.stdout[-800:]
 
 
 def _curl(lab, *args: str) -> tuple[str, str]:
@@ -280,6 +317,11 @@ def test_capture_shows_no_plaintext(lab) -> None:
     web = [p for p in from_proxy if TCP in p]
     assert any(p[TCP].dport == 443 for p in web), "no HTTPS crossed: the web tests did not run"
     assert not any(p[TCP].dport == 80 for p in web), "plain HTTP crossed the outside link"
+    smtp = b"".join(bytes(p[TCP].payload) for p in from_proxy if TCP in p and p[TCP].dport == 25)
+    assert b"STARTTLS" in smtp, "no SMTP crossed: the SMTP test did not run"
+    marker = getattr(lab, "marker", None)
+    assert marker is not None and marker.encode() not in smtp, "the message body crossed in clear"
+    assert b"DATA" not in smtp.split(b"STARTTLS", 1)[1], "SMTP commands after STARTTLS were in clear"
     snmp = [bytes(p[UDP].payload) for p in from_proxy if UDP in p and p[UDP].dport in (161, 162)]
     assert snmp, "no SNMP crossed: the SNMP tests did not run"
     versions = {_snmp_version(b) for b in snmp}

@@ -80,8 +80,10 @@ class PostfixLab:
         smtps_port: int | None = None,  # also listen with implicit TLS (RFC 8314) on this port
         sasl_mechs: str = "PLAIN LOGIN",
         extra: dict[str, str] | None = None,
+        netns: str | None = None,  # run inside this (existing) network namespace (gateway/e2e lab)
     ):
         self.dir = Path(directory)
+        self.netns = netns
         self.address = address
         self.port = port
         self.cert, self.key = cert, key
@@ -225,13 +227,23 @@ class PostfixLab:
         self.write_config()
         env = dict(os.environ, MAIL_CONFIG=str(self.conf))
         # postfix logs its own fatal errors only to syslog; `script` gives it a tty to print them on
-        r = subprocess.run(["script", "-qec", f"{POSTFIX} -c {self.conf} start", "/dev/null"], env=env,
+        ns = f"ip netns exec {self.netns} " if self.netns else ""
+        r = subprocess.run(["script", "-qec", f"{ns}{POSTFIX} -c {self.conf} start", "/dev/null"], env=env,
                            capture_output=True, text=True,
                            timeout=60)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}{self.tail()}")
         self.pid = daemon_from_pidfile(self.queue / "pid" / "master.pid")
-        wait_port(self.address, self.port, timeout=20)
+        if self.netns is None:
+            wait_port(self.address, self.port, timeout=20)
+        else:
+            probe = f"import socket; socket.create_connection(('{self.address}', {self.port}), timeout=1).close()"
+            deadline = time.monotonic() + 20
+            while subprocess.run(["ip", "netns", "exec", self.netns, "python3", "-c", probe],
+                                 capture_output=True).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"postfix not listening on {self.address}:{self.port} in {self.netns}")
+                time.sleep(0.2)
         return self
 
     def stop(self) -> None:
