@@ -32,16 +32,25 @@ class Metrics:
         self.up = Gauge("proxyvm_service_up", "1 when the service is running and ready", ["service"], registry=self.registry)
         self.audit_records = Counter("proxyvm_audit_records", "Audit records written", registry=self.registry)
         self.reloads = Counter("proxyvm_reloads", "Policy/config reloads", ["result"], registry=self.registry)
+        self._decision_children: dict[tuple[Any, ...], Any] = {}
+        self._latency_children: dict[Any, Any] = {}
 
     def observe_record(self, rec: dict[str, Any]) -> None:
+        """Count one audit record (runs once per request: label children are cached)."""
         verdict = rec.get("verdict")
+        protocol = rec.get("protocol", "")
         if verdict:
-            self.decisions.labels(
-                str(rec.get("protocol", "")), str(rec.get("guest", "")), str(verdict), str(rec.get("rule", ""))
-            ).inc()
+            key = (protocol, rec.get("guest", ""), verdict, rec.get("rule", ""))
+            child = self._decision_children.get(key)
+            if child is None:
+                child = self._decision_children[key] = self.decisions.labels(*map(str, key))
+            child.inc()
         d = rec.get("duration_ms")
         if isinstance(d, (int, float)):
-            self.latency.labels(str(rec.get("protocol", ""))).observe(d / 1000.0)
+            hist = self._latency_children.get(protocol)
+            if hist is None:
+                hist = self._latency_children[protocol] = self.latency.labels(str(protocol))
+            hist.observe(d / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ from typing import Any
 GENESIS = "0" * 64
 # Keys written first, in this order (DESIGN.md); anything else follows, `prev` is always last.
 _ORDER = ("seq", "ts", "guest", "src", "protocol", "verdict", "rule", "at", "reason", "request", "upstream")
+_ORDER_REST = _ORDER[1:]
 
 
 def now_iso(t: float | None = None) -> str:
@@ -32,13 +33,16 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+_dumps = json.JSONEncoder(separators=(", ", ": "), ensure_ascii=False, default=str).encode
+
+
 def _encode(record: dict[str, Any]) -> bytes:
-    ordered: dict[str, Any] = {k: record[k] for k in _ORDER if k in record}
+    """One line: `seq` first, `prev` last, the rest in DESIGN.md order, then any extra keys."""
+    body = {k: record[k] for k in _ORDER_REST if k in record}
     for k, v in record.items():
-        if k not in ordered and k != "prev":
-            ordered[k] = v
-    ordered["prev"] = record["prev"]
-    return json.dumps(ordered, separators=(", ", ": "), ensure_ascii=False, default=str).encode()
+        if k not in body and k != "seq" and k != "prev":
+            body[k] = v
+    return f'{{"seq": {int(record["seq"])}, {_dumps(body)[1:-1]}, "prev": "{record["prev"]}"}}'.encode()
 
 
 def _last_line(path: Path) -> bytes | None:
@@ -100,7 +104,8 @@ class AuditLog:
         rec = dict(record)
         self.seq += 1
         rec["seq"] = self.seq
-        rec.setdefault("ts", now_iso())
+        if "ts" not in rec:
+            rec["ts"] = now_iso()
         rec["prev"] = self.prev
         line = _encode(rec)
         if self._size and self._size + len(line) + 1 > self.rotate_size:
