@@ -14,7 +14,6 @@ from pathlib import Path
 
 import dns.message
 import pytest
-from conftest import DEFAULT_RULES, PROXY_IP, needs_peers, settings_from_yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +21,7 @@ from policy import load_policy
 from protocols.base import MemoryAudit, ServiceContext, StaticGuests
 from protocols.dns.service import DNSService
 from tests.labs.proc import free_port
+from tests.protocols.dns.conftest import DEFAULT_RULES, PROXY_IP, needs_peers, settings_from_yaml
 
 pytestmark = [needs_peers, pytest.mark.lab]
 

@@ -9,11 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import PROXY_IP, needs_peers
 from dnsfront_lab import dig
 
 from tests.labs.proc import free_port
 from tests.labs.proxy import ProxyVM
+from tests.protocols.dns.conftest import PROXY_IP, needs_peers
 
 pytestmark = [needs_peers, pytest.mark.lab]
 

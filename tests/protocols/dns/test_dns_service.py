@@ -16,8 +16,9 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import pytest
-from conftest import PROXY_IP, needs_peers, up_yaml
 from dnsfront_lab import dig
+
+from tests.protocols.dns.conftest import PROXY_IP, needs_peers, up_yaml
 
 pytestmark = [needs_peers, pytest.mark.lab]
 

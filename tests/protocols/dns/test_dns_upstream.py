@@ -13,10 +13,10 @@ import dns.asyncquery
 import dns.message
 import dns.rcode
 import pytest
-from conftest import PROXY_IP, needs_peers, up_yaml
 from dnsfront_lab import dig, pick_ip, start_unbound
 
 from tests.labs.pki import LabCA, spki_pin
+from tests.protocols.dns.conftest import PROXY_IP, needs_peers, up_yaml
 
 pytestmark = [needs_peers, pytest.mark.lab]
 

@@ -18,12 +18,12 @@ import dns.message
 import dns.name
 import dns.rcode
 import pytest
-from conftest import PROXY_IP, needs_peers, up_yaml
 from dnsfront_lab import dig, pick_ip
 
 from protocols.dns.dnssec import ValidationResult
 from protocols.dns.forwarder import NoValidator
 from protocols.dns.resolver import Resolver
+from tests.protocols.dns.conftest import PROXY_IP, needs_peers, up_yaml
 
 pytestmark = [needs_peers, pytest.mark.lab]
 
@@ -120,7 +120,7 @@ async def test_validator_failure_fails_closed(make_proxy, upstream1) -> None:
 # -- the in-process Resolver -------------------------------------------------------------------
 
 async def test_resolver_follows_cnames_and_reports_status(tmp_path, upstream1, lab_ca) -> None:
-    from conftest import settings_from_yaml
+    from tests.protocols.dns.conftest import settings_from_yaml
 
     s = settings_from_yaml(f"""
     dns:
@@ -151,7 +151,7 @@ async def test_resolver_follows_cnames_and_reports_status(tmp_path, upstream1, l
 
 
 async def test_resolver_unreachable(tmp_path, lab_ca) -> None:
-    from conftest import settings_from_yaml
+    from tests.protocols.dns.conftest import settings_from_yaml
 
     s = settings_from_yaml(f"""
     dns:
