@@ -6,7 +6,7 @@ Must not: evaluate rules (see `policy.engine`) or know about sockets and protoco
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -73,3 +73,31 @@ def make_decision(
     s[5](d, plaintext)
     s[6](d, limits)
     return d
+
+
+def decision_factory(
+    verdict: Verdict,
+    code: ReasonCode,
+    rule: str,
+    at: str,
+    plaintext: bool = False,
+    limits: Mapping[str, int] = _EMPTY,
+) -> Callable[[str], Decision]:
+    """A function `detail -> Decision` with every other field fixed: the engine builds one per rule
+    at load time, so a hit costs one call with the constants already in the closure (no global or
+    attribute look-ups, no argument passing for the six fixed fields)."""
+    new, cls = object.__new__, Decision
+    s0, s1, s2, s3, s4, s5, s6 = _SETTERS
+
+    def make(detail: str) -> Decision:
+        d = new(cls)
+        s0(d, verdict)
+        s1(d, code)
+        s2(d, rule)
+        s3(d, at)
+        s4(d, detail)
+        s5(d, plaintext)
+        s6(d, limits)
+        return d
+
+    return make

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from policy.decision import Decision, ReasonCode, Verdict, make_decision
+from policy.decision import Decision, ReasonCode, Verdict, decision_factory, make_decision
 from policy.matchers import Index, NameIndex, new_index
 from policy.model import (
     MATCH_KEYS,
@@ -99,13 +99,40 @@ class _Bucket:
     last: float
 
 
+def _part(head: str, explain: Callable[[Any, int], str | None], mid: str, suffix: str,
+          inline: frozenset[str], file: str, bit: int) -> Callable[[Any], str]:
+    """One constrained key's piece of the detail, `value -> "qname x matches *.example.com"`, with
+    everything that does not depend on the request fixed at load time."""
+    if suffix:  # the pattern text is known without asking the index
+        def fixed(value: Any) -> str:
+            if value.__class__ is str and len(value) <= _SHOW_MAX and value.isprintable():
+                return f"{head}{value}{suffix}"
+            return f"{head}{_show(value)}{suffix}"
+        return fixed
+    listed = f" (listed in {file})" if file else ""
+
+    def explained(value: Any) -> str:
+        if value.__class__ is str and len(value) <= _SHOW_MAX and value.isprintable():
+            shown = value
+        else:
+            shown = _show(value)
+        pat = explain(value, bit) or "?"  # patterns come from the validated rules file
+        if listed and pat not in inline:
+            return f"{head}{shown}{mid}{pat}{listed}"
+        return f"{head}{shown}{mid}{pat}"
+    return explained
+
+
 class _RuleEntry:
-    """What `decide` needs of a winning rule, precomputed."""
+    """What `decide` needs of a winning rule, precomputed: `build(request, guest)` gives the detail
+    (without the monitor-mode note), `hit(request, guest)` the whole Decision for a rule without
+    `rate` (one call on the hot path; the six fields other than `detail` are fixed per rule)."""
 
-    __slots__ = ("rule", "id", "rate", "bit", "keys", "explainers", "verdict", "monitor_verdict", "plaintext",
-                 "limits", "at", "global_index", "any_detail", "detail_suffix")
+    __slots__ = ("rule", "id", "rate", "bit", "keys", "verdict", "monitor_verdict", "plaintext",
+                 "limits", "at", "global_index", "any_detail", "detail_suffix", "build", "hit")
 
-    def __init__(self, rule: Rule, bit: int, keys: list[_KeyCheck], monitor: bool, protocol: str) -> None:
+    def __init__(self, rule: Rule, bit: int, keys: list[_KeyCheck], monitor: bool, protocol: str,
+                 guests: frozenset[str] = frozenset()) -> None:
         self.rule = rule
         self.id = rule.id
         self.rate = rule.rate
@@ -120,11 +147,8 @@ class _RuleEntry:
         self.at = rule.at
         self.global_index = rule.index
         self.any_detail = f"rule matches any {protocol} request"
-        # Per constrained key: ("key ", key, explain, text between value and pattern, or the whole
-        # text after the value for set keys, canonical inline name patterns, name file)
         files = {nf.key: nf.path.name for nf in rule.name_files}
-        self.explainers: list[
-            tuple[str, str, Callable[[Any, int], str | None], str, str, frozenset[str], str]] = []
+        parts: list[tuple[str, Callable[[Any], str]]] = []
         for check in keys:
             kind, key = check.kind, check.key
             inline = frozenset(p.text.strip().lower().removesuffix(".")
@@ -145,7 +169,63 @@ class _RuleEntry:
                 suffix = mid + canonical(pats[0])
             else:
                 suffix = ""
-            self.explainers.append((key + " ", key, check.index.explain, mid, suffix, inline, files.get(key, "")))
+            parts.append((key, _part(key + " ", check.index.explain, mid, suffix, inline, files.get(key, ""), bit)))
+        self.build, self.hit = self._builders(parts, guests)
+
+    def _builders(self, parts: list[tuple[str, Callable[[Any], str]]], guests: frozenset[str]) -> tuple[
+            Callable[[Mapping[str, Any], str], str], Callable[[Mapping[str, Any], str], Decision]]:
+        """`build` and `hit`, specialised for the number of constrained keys (no loop for 1 or 2)."""
+        make = decision_factory(self.verdict, _RULE, self.id, self.at, self.plaintext, self.limits)
+        tail = self.detail_suffix
+        build: Callable[[Mapping[str, Any], str], str]
+        hit: Callable[[Mapping[str, Any], str], Decision]
+        if not parts:
+            any_detail = self.any_detail
+            if self.rule.guests is None:
+                const = make(any_detail + tail)
+
+                def build(request: Mapping[str, Any], guest: str) -> str:
+                    return any_detail
+
+                def hit(request: Mapping[str, Any], guest: str) -> Decision:
+                    return const  # nothing request-specific in it: one frozen value per rule
+            else:
+                # per known guest (a bounded set); an unknown guest's name is shown as given
+                per_guest = {g: make(f"{any_detail} from guest {_show(g)}{tail}") for g in guests}
+
+                def build(request: Mapping[str, Any], guest: str) -> str:
+                    return f"{any_detail} from guest {_show(guest)}"
+
+                def hit(request: Mapping[str, Any], guest: str) -> Decision:
+                    d = per_guest.get(guest)
+                    return make(f"{any_detail} from guest {_show(guest)}{tail}") if d is None else d
+        elif len(parts) == 1:
+            (k0, p0), = parts
+
+            def build(request: Mapping[str, Any], guest: str) -> str:
+                return p0(request[k0])
+
+            if tail:
+                def hit(request: Mapping[str, Any], guest: str) -> Decision:
+                    return make(p0(request[k0]) + tail)
+            else:
+                def hit(request: Mapping[str, Any], guest: str) -> Decision:
+                    return make(p0(request[k0]))
+        elif len(parts) == 2:
+            (k0, p0), (k1, p1) = parts
+
+            def build(request: Mapping[str, Any], guest: str) -> str:
+                return f"{p0(request[k0])}; {p1(request[k1])}"
+
+            def hit(request: Mapping[str, Any], guest: str) -> Decision:
+                return make(f"{p0(request[k0])}; {p1(request[k1])}{tail}")
+        else:
+            def build(request: Mapping[str, Any], guest: str) -> str:
+                return "; ".join([p(request[k]) for k, p in parts])
+
+            def hit(request: Mapping[str, Any], guest: str) -> Decision:
+                return make("; ".join([p(request[k]) for k, p in parts]) + tail)
+        return build, hit
 
 
 class _Table:
@@ -202,7 +282,7 @@ def _compile_table(policy: Policy, protocol: str, guests: frozenset[str], proble
     table.by_key = {c.key: c for c in checks}
     for pos, r in enumerate(rules):
         keys = [table.by_key[k] for k in MATCH_KEYS[protocol] if k in r.constrained_keys()]
-        table.entries.append(_RuleEntry(r, 1 << pos, keys, policy.mode is Mode.MONITOR, protocol))
+        table.entries.append(_RuleEntry(r, 1 << pos, keys, policy.mode is Mode.MONITOR, protocol, guests))
         if r.action is Action.ALLOW:
             table.allow_mask |= 1 << pos
     for guest in guests:
@@ -298,28 +378,10 @@ class Engine:
         if not m:
             return table.default_decision
         entry = table.entries[(m & -m).bit_length() - 1]
-        # The detail, built inline: this is the hot path of every allowed or denied request.
-        bit = entry.bit
-        parts = []
-        for head, key, explain, mid, suffix, inline, file in entry.explainers:
-            value = request[key]
-            if value.__class__ is not str or len(value) > _SHOW_MAX or not value.isprintable():
-                shown = _show(value)
-            else:
-                shown = value
-            if suffix:
-                parts.append(head + shown + suffix)
-                continue
-            pat = explain(value, bit) or "?"  # patterns come from the validated rules file
-            if file and pat not in inline:
-                parts.append(f"{head}{shown}{mid}{pat} (listed in {file})")
-            else:
-                parts.append(head + shown + mid + pat)
-        if not parts:
-            detail = entry.any_detail + (f" from guest {_show(guest)}" if entry.rule.guests is not None else "")
-        else:
-            detail = parts[0] if len(parts) == 1 else "; ".join(parts)
-        if entry.rate is not None and not self._take_token(entry, guest):
+        if entry.rate is None:
+            return entry.hit(request, guest)  # the hot path: one call builds detail and Decision
+        detail = entry.build(request, guest)
+        if not self._take_token(entry, guest):
             rule = entry.rule
             verdict = entry.monitor_verdict
             let_through = verdict is Verdict.WOULD_DENY
