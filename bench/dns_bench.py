@@ -59,6 +59,12 @@ def queries_of(out: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def rcodes_of(out: str) -> str:
+    """dnsperf's "Response codes:" line (a benchmark of SERVFAILs would be no benchmark)."""
+    m = re.search(r"Response codes:\s+(.*)", out)
+    return m.group(1).strip() if m else "?"
+
+
 def qps_of(out: str) -> tuple[float, float, int]:
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
     lost = re.search(r"Queries lost:\s+(\d+)", out)
@@ -215,7 +221,8 @@ def main() -> int:
         for ip, port in endpoints.values():
             dnsperf(ip, port, hit_file, seconds=2)  # warm the cache and the upstream connection
         raw: dict[str, dict[str, list]] = {
-            n: {"hit": [], "miss": [], "hit_lat": [], "miss_lat": [], "hit_cpu": [], "miss_cpu": []} for n in endpoints
+            n: {"hit": [], "miss": [], "hit_lat": [], "miss_lat": [], "hit_cpu": [], "miss_cpu": [],
+                "hit_rcodes": [], "miss_rcodes": []} for n in endpoints
         }
         # Rounds interleave the systems, so load from anything else on the machine hits all alike.
         for run in range(args.runs):
@@ -225,12 +232,14 @@ def main() -> int:
                 out = dnsperf(ip, port, hit_file, seconds=args.seconds)
                 r["hit_cpu"].append((cpu_seconds(pids[name]) - c0) * 1e6 / max(1, queries_of(out)))
                 r["hit"].append(qps_of(out))
+                r["hit_rcodes"].append(rcodes_of(out))
                 miss_file = d / f"miss-{name}-{run}.txt"
                 miss_file.write_text("".join(f"m{run}-{name}-{os.getpid()}-{i}.{up.zone} A\n" for i in range(400_000)))
                 c0 = cpu_seconds(pids[name])
                 out = dnsperf(ip, port, miss_file, seconds=args.seconds, once=True)
                 r["miss_cpu"].append((cpu_seconds(pids[name]) - c0) * 1e6 / max(1, queries_of(out)))
                 r["miss"].append(qps_of(out))
+                r["miss_rcodes"].append(rcodes_of(out))
                 lat = latencies(dnsperf(ip, port, hit_file, seconds=4, qps=args.latency_rate, verbose=True, clients=1))
                 r["hit_lat"].append((pct(lat, 0.5), pct(lat, 0.99)))
                 lat_file = d / f"lat-{name}-{run}.txt"
@@ -238,8 +247,8 @@ def main() -> int:
                 lat = latencies(dnsperf(ip, port, lat_file, seconds=4, qps=args.latency_rate, verbose=True, once=True,
                                         clients=1))
                 r["miss_lat"].append((pct(lat, 0.5), pct(lat, 0.99)))
-                print(f"# round {run + 1} {name}: hit {r['hit'][-1][0]:.0f} miss {r['miss'][-1][0]:.0f} qps",
-                      file=sys.stderr, flush=True)
+                print(f"# round {run + 1} {name}: hit {r['hit'][-1][0]:.0f} miss {r['miss'][-1][0]:.0f} qps; "
+                      f"rcodes hit {r['hit_rcodes'][-1]} miss {r['miss_rcodes'][-1]}", file=sys.stderr, flush=True)
         for name, r in raw.items():
             results[name] = {
                 "hit_qps": statistics.median(h[0] for h in r["hit"]),
