@@ -30,6 +30,7 @@ import dns.rdatatype
 
 from protocols.dns import wire
 from protocols.dns.cache import Cache, CacheEntry, make_entry
+from protocols.dns.dnssec.scrub import scrub
 from protocols.dns.settings import DNSSettings
 from protocols.dns.upstream import PoolFailure, UpstreamAnswer, UpstreamFailure, UpstreamPool
 
@@ -182,6 +183,14 @@ class Forwarder:
                 life = (res.ttl if res.ttl is not None else self.settings.cache.bogus_ttl) if status == "bogus" else 0
                 return self._servfail(key, qname, qtype, ans, status, ede, res.reason, life)
             vttl = res.ttl
+            if status == "secure":
+                # AD=1 covers only what the validator checked: drop RRsets an upstream added
+                # beside the validated chain and denial proof (they would ride along unvalidated).
+                rdtype = struct.unpack_from("!H", question, len(question) - 4)[0]
+                kept = scrub(qn, rdtype, msg)
+                if len(kept.answer) != len(msg.answer) or len(kept.authority) != len(msg.authority):
+                    return self._entry(key, qname, qtype, kept, ans, g_edns=g_edns, g_do=g_do, status=status,
+                                       vttl=vttl)
         entry = self._entry_raw(key, qname, qtype, ans, g_edns=g_edns, g_do=g_do, strip=(s.validate or g_do) and not g_do,
                                 status=status, vttl=vttl)
         if entry is not None:
