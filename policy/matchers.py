@@ -5,7 +5,8 @@ file order), so the engine can AND the masks of all keys and take the lowest bit
 semantics with no linear scan of rules or patterns. Costs:
   - `NameIndex`: one dict probe for the exact name plus one per label suffix (the per-suffix hash
     walk); independent of how many names are indexed. Names are stored as plain `str` keys (no
-    reversed-label strings or per-name objects: 1M names cost ~160 MB).
+    reversed-label strings or per-name objects: 1M names cost ~160 MB); "*.x" parents in one dict
+    per label count, so the walk probes only depths that hold patterns, each in its own table.
   - `CidrIndex`: one dict probe per distinct prefix length present (at most 33 / 129).
   - `OidIndex`: one dict per subtree length (in arcs), probed with the request OID's prefix of
     each length present: a prefix structure with one probe per distinct length (measured faster
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from policy.model import (
@@ -54,17 +56,27 @@ def _or_into(d: dict[Any, int], key: Any, bit: int) -> None:
 
 
 class NameIndex:
-    """Names: "x" exact, "*.x" strictly below x, "*" any. Case-insensitive, trailing dot ignored."""
+    """Names: "x" exact, "*.x" strictly below x, "*" any. Case-insensitive, trailing dot ignored.
 
-    __slots__ = ("exact", "below", "any", "below_depths")
+    "*.x" patterns are kept in one dict per label count of x, so the suffix walk probes only the
+    depths that hold patterns, and each probe goes to a table holding names of that depth alone: a
+    1M-name blocklist's "*.h.d.net" entries stay out of the cache path of a "d.net" probe, which
+    lands in the small table of two-label parents ("*.example.com")."""
+
+    __slots__ = ("exact", "below_at", "walk", "any")
 
     def __init__(self) -> None:
         self.exact: dict[str, int] = {}
-        self.below: dict[str, int] = {}  # parent name -> rules with "*.parent"
+        self.below_at: dict[int, dict[str, int]] = {}  # labels in parent -> parent -> "*.parent" rules
+        self.walk: tuple[tuple[int, Callable[..., int]], ...] = ()  # (labels, table.get), deepest first
         self.any = 0
-        # label counts of the parents in `below`: the suffix walk probes only those depths, which
-        # keeps a big blocklist's table out of the cache for suffixes it cannot hold ("com")
-        self.below_depths: frozenset[int] = frozenset()
+
+    def _below(self, depth: int) -> dict[str, int]:
+        table = self.below_at.get(depth)
+        if table is None:
+            table = self.below_at[depth] = {}
+            self.walk = tuple((d, self.below_at[d].get) for d in sorted(self.below_at, reverse=True))
+        return table
 
     def add(self, pattern: Pattern, bit: int) -> None:
         assert isinstance(pattern, NamePattern)
@@ -73,12 +85,21 @@ class NameIndex:
         elif pattern.kind is NameKind.EXACT:
             _or_into(self.exact, pattern.name, bit)
         else:
-            _or_into(self.below, pattern.name, bit)
-            self.below_depths = self.below_depths | {pattern.name.count(".") + 1}
+            _or_into(self._below(pattern.name.count(".") + 1), pattern.name, bit)
 
     def add_names(self, exact: list[str], below: list[str], any_: bool, bit: int) -> None:
         """Bulk add from a name file (already validated and lower-cased)."""
-        for d, names in ((self.exact, exact), (self.below, below)):
+        by_depth: dict[int, list[str]] = {}
+        for n in below:
+            depth = n.count(".") + 1
+            group = by_depth.get(depth)
+            if group is None:
+                by_depth[depth] = [n]
+            else:
+                group.append(n)
+        tables = [(self.exact, exact)] + [(self._below(depth), names) for depth, names in by_depth.items()]
+        del by_depth
+        for d, names in tables:
             if not d:
                 d.update(dict.fromkeys(names, bit))
                 continue
@@ -88,42 +109,47 @@ class NameIndex:
                 d[n] = bit if old is None else old | bit
         if any_:
             self.any |= bit
-        if below:
-            self.below_depths = self.below_depths | {n.count(".") + 1 for n in below}
 
     def lookup(self, value: str, explicit: bool = False) -> int:
-        v = value.lower()
+        # A name the caller already normalised (the DNS service passes lower-case ASCII) is used as
+        # it is: no copy. isascii() is O(1); non-ASCII takes lower(), whose mappings may reach ASCII.
+        v = value if value.isascii() and value.islower() else value.lower()
         if v[-1:] == ".":
             v = v[:-1]
         m = 0 if explicit else self.any
         if self.exact:
             m |= self.exact.get(v, 0)
-        if self.below:
-            get = self.below.get
-            depths = self.below_depths
-            depth = v.count(".")  # labels in the first proper suffix
+        if self.walk:
+            labels = v.count(".") + 1
             rest = v
-            while depth:  # each proper suffix: "a.b.c" -> "b.c", "c"  (partition beats find+slice)
-                _, _, rest = rest.partition(".")
-                if depth in depths:
-                    m |= get(rest, 0)
-                depth -= 1
+            for depth, get in self.walk:  # deepest first; proper suffixes only
+                if depth >= labels:
+                    continue
+                while labels > depth:  # "a.b.c" -> "b.c" -> "c" (partition beats find+slice)
+                    _, _, rest = rest.partition(".")
+                    labels -= 1
+                m |= get(rest, 0)
         return m
 
     def explain(self, value: str, bit: int) -> str | None:
-        v = value.lower().removesuffix(".")
+        v = value if value.isascii() and value.islower() else value.lower()
+        v = v.removesuffix(".")
         if self.exact.get(v, 0) & bit:
             return v
-        i = v.find(".")
-        while i >= 0:
-            i += 1
-            if self.below.get(v[i:], 0) & bit:
-                return "*." + v[i:]
-            i = v.find(".", i)
+        labels = v.count(".") + 1
+        rest = v
+        for depth, get in self.walk:  # the longest parent first, as the walk reads best
+            if depth >= labels:
+                continue
+            while labels > depth:
+                _, _, rest = rest.partition(".")
+                labels -= 1
+            if get(rest, 0) & bit:
+                return "*." + rest
         return "*" if self.any & bit else None
 
     def __len__(self) -> int:
-        return len(self.exact) + len(self.below)
+        return len(self.exact) + sum(len(t) for t in self.below_at.values())
 
 
 class SetIndex:
