@@ -187,6 +187,8 @@ class UpperSetIndex(SetIndex):
         return value.upper() if value.__class__ is str else str(value).upper()
 
     def lookup(self, value: Any, explicit: bool = False) -> int:
+        if value.__class__ is str and value.isascii() and value.isupper():  # "A", "GET": no copy
+            return self.values.get(value, 0)
         return self.values.get(value.upper() if value.__class__ is str else str(value).upper(), 0)
 
 
@@ -199,6 +201,8 @@ class LowerSetIndex(SetIndex):
         return value.lower() if value.__class__ is str else str(value).lower()
 
     def lookup(self, value: Any, explicit: bool = False) -> int:
+        if value.__class__ is str and value.isascii() and value.islower():  # "get": no copy
+            return self.values.get(value, 0)
         return self.values.get(value.lower() if value.__class__ is str else str(value).lower(), 0)
 
 

@@ -419,3 +419,63 @@ def test_name_files_store_no_per_name_objects(tmp_path: Path) -> None:
     assert len(gc.get_objects()) - before < 5_000
     assert engine.stats()["dns_names"] == 100_000
     assert engine.decide("dns", "web1", {"qname": "a.w49999.test"}).rule == "big"
+
+
+def test_below_patterns_at_several_depths(tmp_path: Path) -> None:
+    """'*.x' parents live in one table per label count: every depth must still be probed, a rule
+    must see parents of other depths, and the detail names the longest parent that fits."""
+    (tmp_path / "deep.txt").write_text("*.a.b.example.test\n*.test\nexact.b.example.test\n")
+    e = _load(tmp_path, """\
+        default: allow
+        rules:
+          - {id: mid, action: deny, protocol: dns, match: {qname: ["*.b.example.test"]}}
+          - {id: file, action: deny, protocol: dns, match: {qname_file: deep.txt, qname: ["*.example.test"]}}
+        """)
+    d = e.decide("dns", "web1", {"qname": "x.b.example.test"})
+    assert (d.rule, d.detail) == ("mid", "qname x.b.example.test matches *.b.example.test")
+    d = e.decide("dns", "web1", {"qname": "b.example.test"})  # not below itself: the file's *.test fits
+    assert (d.rule, d.detail) == ("file", "qname b.example.test matches *.example.test")
+    d = e.decide("dns", "web1", {"qname": "Z.Y.A.B.Example.Test."})
+    assert (d.rule, d.detail) == ("mid", "qname Z.Y.A.B.Example.Test. matches *.b.example.test")
+    d = e.decide("dns", "web1", {"qname": "other.test"})
+    assert (d.rule, d.detail) == ("file", "qname other.test matches *.test (listed in deep.txt)")
+    assert e.decide("dns", "web1", {"qname": "test"}).rule == "default"
+    assert e.named_by_rule("dns", "web1", "qname", "q.a.b.example.test") is False  # deny rules only
+    assert e.stats()["dns_names"] == 5
+
+
+def test_non_ascii_values_keep_unicode_case_mapping(tmp_path: Path) -> None:
+    """Values already in canonical form skip lower()/upper(); others, non-ASCII ones included, are
+    still mapped exactly as before (U+212A KELVIN SIGN lower-cases to ASCII "k")."""
+    e = _load(tmp_path, """\
+        rules:
+          - {id: k, action: allow, protocol: dns, match: {qname: [k.example.test], qtype: [A]}}
+          - {id: get, action: allow, protocol: http, match: {host: [h.test], method: [GET]}}
+          - {id: op, action: allow, protocol: snmp, match: {op: [get]}}
+        """)
+    d = e.decide("dns", "web1", {"qname": "\u212a.example.test", "qtype": "a"})
+    assert (d.rule, d.detail) == ("k", "qname \u212a.example.test matches k.example.test; qtype a is one of A")
+    assert e.decide("dns", "web1", {"qname": "k.example.test", "qtype": "A"}).rule == "k"
+    assert e.decide("dns", "web1", {"qname": "k.example.test", "qtype": "AAAA"}).rule == "default"
+    assert e.decide("http", "web1", {"host": "h.test", "method": "get", "path": "/"}).rule == "get"
+    assert e.decide("http", "web1", {"host": "h.test", "method": "GET", "path": "/"}).rule == "get"
+    assert e.decide("snmp", "web1", {"op": "GET", "oid": "1.3"}).rule == "op"
+    assert e.decide("snmp", "web1", {"op": "get", "oid": "1.3"}).rule == "op"
+
+
+def test_rules_without_match_reuse_one_decision_per_known_guest(tmp_path: Path) -> None:
+    e = _load(tmp_path, """\
+        rules:
+          - {id: web, action: allow, protocol: http, guests: [web1]}
+          - {id: strangers, action: deny, protocol: smtp, guests: [unknown]}
+          - {id: any, action: deny, protocol: http}
+        """)
+    a, b = e.decide("http", "web1", {"host": "a"}), e.decide("http", "web1", {"host": "b"})
+    assert a is b and a == Decision(Verdict.ALLOW, ReasonCode.RULE, "web", "rules.yaml:2",
+                                    "rule matches any http request from guest web1")
+    d = e.decide("http", "stranger\x00", {"host": "a"})  # unknown guest: the "any" rule, shown safely
+    assert (d.rule, d.detail) == ("any", "rule matches any http request")
+    assert e.decide("http", "mail1", {}) is e.decide("http", "db1", {})
+    d = e.decide("smtp", "stranger\x00", {})  # the name as given, quoted: not the cached "unknown" one
+    assert d.detail == "rule matches any smtp request from guest 'stranger\\x00'"
+    assert e.decide("smtp", "unknown", {}).detail == "rule matches any smtp request from guest unknown"
