@@ -174,6 +174,10 @@ async def test_dsn_after_max_age_injected_clock(postfix_mx, lab_ca, tmp_path, st
                 break
             await asyncio.sleep(0.05)
         assert entry.state.attempts == 1 and entry.state.next_attempt - run.clock() > 50  # backoff: retry.first
+        for _ in range(200):  # let the attempt finish rescheduling before the clock jumps
+            if not run.service.runner._inflight:
+                break
+            await asyncio.sleep(0.05)
         run.clock.advance(3601)  # past retry.max_age
         run.service.runner.wake()
         await run.wait_records(event="dsn")
