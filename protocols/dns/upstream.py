@@ -194,7 +194,9 @@ class _Connection(asyncio.Protocol):
         fut, question, _ = item
         if fut.done():
             return
-        if not frame[2] & wire.QR or frame[12 : 12 + len(question)].lower() != question:
+        n = len(question) - 4  # the name, compared without case; then type and class exactly
+        if (not frame[2] & wire.QR or frame[12 : 12 + n].lower() != question[:n]
+                or frame[12 + n : 16 + n] != question[n:]):
             fut.set_exception(UpstreamFailure("protocol", "answer does not match the question", self.up.address))
         else:
             fut.set_result(frame)

@@ -427,3 +427,12 @@ async def test_tcp_guest_that_never_reads_is_disconnected(make_proxy, upstream1)
     sock.close()
     assert p.svc.stats["tcp_slow_reader_closed"] == 1
     assert (await dig(PROXY_IP, p.port, "www.lab.test", "A", "+tcp")).status == "NOERROR"
+
+
+async def test_qtypes_whose_bytes_look_like_letters(make_proxy, upstream1) -> None:
+    """HTTPS is type 65 (0x0041, "A" in ASCII): case folding of names must never touch types."""
+    p = await make_proxy(up_yaml(upstream1))
+    for qtype in ("HTTPS", "TYPE16705"):  # 0x0041, 0x4141
+        r = await dig(PROXY_IP, p.port, "www.lab.test", qtype)
+        assert r.status == "NOERROR", r.text
+    assert all(u["state"] == "up" for u in p.svc.health()["upstreams"])
