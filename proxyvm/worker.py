@@ -196,12 +196,14 @@ class Worker:
     async def _reload(self, packed: str | None) -> None:
         started = time.monotonic()
         try:
+            # Compiling a policy (a 1M-name blocklist takes seconds) runs off the event loop, so
+            # cached answers and open connections keep being served during a reload.
             if packed is None:
-                config, engine = load_all(self.config_path)
+                config, engine = await asyncio.to_thread(load_all, self.config_path)
             else:
                 # Parsed (secrets included) by the supervisor; the policy is compiled here.
                 config = channel.unpack(packed)
-                engine = load_policy(config.policy_file, guests=set(config.guests))
+                engine = await asyncio.to_thread(load_policy, config.policy_file, guests=set(config.guests))
             await self.service.reload(getattr(config, self.name), engine)
         except Exception as e:  # noqa: BLE001 - old config stays in force; report why
             self.log.error("reload rejected, old policy stays in force: %s", e)
