@@ -67,6 +67,7 @@ def drop_privileges(user: str | None, log: logging.Logger) -> None:
     # must be loaded while their files are still readable: an interpreter installed under a
     # private home (pyenv in /root) is unreadable to the service user.
     "localhost".encode("idna")
+    import concurrent.futures.thread  # noqa: F401 - asyncio.to_thread (policy reloads)
     import encodings.idna  # noqa: F401
     try:
         pw = pwd.getpwnam(user)
