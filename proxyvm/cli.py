@@ -40,6 +40,15 @@ def _load(config: str | None) -> tuple[Any, Any]:
     return load_all(config)
 
 
+def _load_or_report(config: str | None) -> tuple[Any, Any] | None:
+    """Config + policy, or None after printing every located problem (the caller exits 1)."""
+    try:
+        return _load(config)
+    except Exception as e:  # noqa: BLE001 - located errors are printed, anything else too
+        _print_problems(e)
+        return None
+
+
 # -- run -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from proxyvm.services import SERVICES, ServiceUnavailable, load_service_class
@@ -79,11 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- check ---------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        config, engine = _load(args.config)
-    except Exception as e:  # noqa: BLE001
-        _print_problems(e)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_FAIL
+    config, engine = loaded
     src = args.config or "built-in default"
     services = [n for n in ("dns", "smtp", "snmp", "http") if getattr(config, n, None) is not None]
     print(f"{src}: ok ({len(config.guests)} guests, services: {', '.join(services) or 'none'}, "
@@ -102,11 +110,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         k, v = kv.split("=", 1)
         request[k] = int(v) if k == "size" and v.isdigit() else v
-    try:
-        config, engine = _load(args.config)
-    except Exception as e:  # noqa: BLE001
-        _print_problems(e)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_FAIL
+    config, engine = loaded
     if args.guest:
         if args.guest != "unknown" and args.guest not in config.guests:
             print(f"proxyvm explain: no guest named {args.guest!r} in the config", file=sys.stderr)
@@ -160,11 +167,10 @@ def cmd_gateway_rules(args: argparse.Namespace) -> int:
     gw = _gateway_module()
     if gw is None:
         return EXIT_FAIL
-    try:
-        config, _ = _load(args.config)
-    except Exception as e:  # noqa: BLE001
-        _print_problems(e)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_FAIL
+    config = loaded[0]
     return gw.cli_rules(config)
 
 
@@ -172,11 +178,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     gw = _gateway_module()
     if gw is None:
         return EXIT_FAIL
-    try:
-        config, _ = _load(args.config)
-    except Exception as e:  # noqa: BLE001
-        _print_problems(e)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_FAIL
+    config = loaded[0]
     return gw.cli_updown(config, args.action)
 
 
@@ -187,11 +192,10 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     except ModuleNotFoundError:
         print("proxyvm: the smtp service is not available in this build yet", file=sys.stderr)
         return EXIT_FAIL
-    try:
-        config, _ = _load(args.config)
-    except Exception as e:  # noqa: BLE001
-        _print_problems(e)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_FAIL
+    config = loaded[0]
     if config.smtp is None:
         print("proxyvm mailq: smtp is not configured", file=sys.stderr)
         return EXIT_FAIL
