@@ -59,11 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s proxyvm[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    try:
-        config, _engine = _load(args.config)
-    except Exception as e:  # noqa: BLE001 - located errors are printed, anything else too
-        _print_problems(e)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_FAIL
+    config = loaded[0]
     enabled: list[str] = []
     unavailable: dict[str, str] = {}
     for name in SERVICES:
