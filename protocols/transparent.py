@@ -27,6 +27,7 @@ SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_TRANSPARENT = 75
 IPV6_ORIGDSTADDR = 74
 IPV6_RECVORIGDSTADDR = 74
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
@@ -65,7 +66,7 @@ def open_transparent_udp(host: str, port: int) -> socket.socket:
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if v6:
-            s.setsockopt(SOL_IPV6, IPV6_TRANSPARENT := 75, 1)  # noqa: F841 - named for the reader
+            s.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
             s.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
         else:
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
@@ -106,7 +107,7 @@ class ReplyFrom:
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if v6:
-                s.setsockopt(SOL_IPV6, 75, 1)
+                s.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             s.bind(src)

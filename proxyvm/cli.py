@@ -153,35 +153,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 # -- gateway -------------------------------------------------------------------------------------
-def _gateway_module() -> Any:
-    try:
-        from proxyvm import gateway
-    except ModuleNotFoundError:
-        print("proxyvm: transparent gateway mode is not available in this build yet", file=sys.stderr)
-        return None
-    return gateway
-
-
-def cmd_gateway_rules(args: argparse.Namespace) -> int:
-    gw = _gateway_module()
-    if gw is None:
-        return EXIT_FAIL
-    loaded = _load_or_report(args.config)
-    if loaded is None:
-        return EXIT_FAIL
-    config = loaded[0]
-    return gw.cli_rules(config)
-
-
 def cmd_gateway(args: argparse.Namespace) -> int:
-    gw = _gateway_module()
-    if gw is None:
-        return EXIT_FAIL
+    """`gateway-rules` (no action: print) and `gateway up|down` (apply/remove)."""
+    from proxyvm import gateway
+
     loaded = _load_or_report(args.config)
     if loaded is None:
         return EXIT_FAIL
-    config = loaded[0]
-    return gw.cli_updown(config, args.action)
+    action = getattr(args, "action", None)
+    return gateway.cli_rules(loaded[0]) if action is None else gateway.cli_updown(loaded[0], action)
 
 
 # -- mailq ---------------------------------------------------------------------------------------
@@ -218,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("protocol", choices=["dns", "smtp", "snmp", "http", "ws", "tls"])
     ex.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     ex.set_defaults(fn=cmd_explain)
-    with_config(sub.add_parser("gateway-rules", help="print the nftables ruleset")).set_defaults(fn=cmd_gateway_rules)
+    with_config(sub.add_parser("gateway-rules", help="print the nftables ruleset")).set_defaults(fn=cmd_gateway)
     gw = with_config(sub.add_parser("gateway", help="apply/remove transparent gateway rules"))
     gw.add_argument("action", choices=["up", "down"])
     gw.set_defaults(fn=cmd_gateway)

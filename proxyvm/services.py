@@ -59,14 +59,3 @@ def check_service_class(name: str, cls: type) -> None:
     if problems:
         raise TypeError(f"{cls.__module__}.{cls.__qualname__} is not a valid {name} service: " + "; ".join(problems))
 
-
-def available() -> dict[str, str | None]:
-    """{service: None if available else the reason}."""
-    out: dict[str, str | None] = {}
-    for name in SERVICES:
-        try:
-            load_service_class(name)
-            out[name] = None
-        except (ServiceUnavailable, TypeError) as e:
-            out[name] = str(e)
-    return out

@@ -92,6 +92,7 @@ class Worker:
         self.service: Any = None
         self.writer: asyncio.StreamWriter | None = None
         self.stopping = asyncio.Event()
+        self._drain_timeout = 10.0  # the supervisor's drain message may change it
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -147,8 +148,6 @@ class Worker:
         except (ConnectionError, TimeoutError):
             pass
         return 0
-
-    _drain_timeout = 10.0
 
     def _send_audit(self) -> None:
         if self.audit.buf:
