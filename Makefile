@@ -1,7 +1,7 @@
 # proxyvm — build entry points. `make image` must run as root on Debian 12 (see image-build/README.md).
 .PHONY: image boot-test clean-image
 
-PYTHON ?= $(shell for p in .venv/bin/python /tmp/pvenv/bin/python; do test -x $$p && echo $$p && break; done)
+PYTHON ?= .venv/bin/python
 
 image:
 	image-build/build.sh

@@ -8,8 +8,8 @@
 #                              # (tests/labs/dnssec_lab.py on 127.0.4.x; needs nsd and bind9-utils too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-/tmp/pvenv/bin/python}"
-[ -x "$PY" ] || PY=python3
+PY="${PYTHON:-$PWD/.venv/bin/python}"
+[ -x "$PY" ] || { echo "$0: $PY not found: run ./scripts/bootstrap --test first" >&2; exit 2; }
 for bin in unbound stubby dnsperf; do
     command -v "$bin" >/dev/null || { echo "bench/dns.sh: $bin is not installed" >&2; exit 2; }
 done

@@ -7,7 +7,7 @@ in the proxy; the upstream round trip and parsing are not included). The peer, i
 validating Unbound (one thread) answering dnsperf with unique names (every query a validated cache
 miss, keys warm, aggressive NSEC off). Prints medians of 3.
 
-    sudo /tmp/pvenv/bin/python bench/dns_dnssec_bench.py [N]
+    sudo .venv/bin/python bench/dns_dnssec_bench.py [N]
 """
 
 from __future__ import annotations

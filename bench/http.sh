@@ -4,5 +4,6 @@
 # Usage: bench/http.sh [--rounds 3] [--seconds 8] [--ws-mb 1024] [--workers 2]
 set -eu
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-/tmp/pvenv/bin/python}"
+PY="${PYTHON:-$PWD/.venv/bin/python}"
+[ -x "$PY" ] || { echo "$0: $PY not found: run ./scripts/bootstrap --test first" >&2; exit 2; }
 PATH="$(dirname "$PY"):$PATH" exec "$PY" bench/http_bench.py "$@"

@@ -9,8 +9,8 @@ a sample because it is slow at scale.
 
 Goals (issue 2): 1M names load < 5 s and < 500 MB; >= 300,000 decisions/s at every size.
 
-    /tmp/pvenv/bin/python bench/policy.py            # full run (2-3 minutes)
-    /tmp/pvenv/bin/python bench/policy.py --quick    # 10 / 1k / 100k only, one run each
+    .venv/bin/python bench/policy.py            # full run (2-3 minutes)
+    .venv/bin/python bench/policy.py --quick    # 10 / 1k / 100k only, one run each
 """
 
 from __future__ import annotations

@@ -4,5 +4,6 @@
 # Needs root (Postfix labs, port 25 on 127.0.5.40-43). Not a test; not run in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-/tmp/pvenv/bin/python}
+PY="${PYTHON:-$PWD/.venv/bin/python}"
+[ -x "$PY" ] || { echo "$0: $PY not found: run ./scripts/bootstrap --test first" >&2; exit 2; }
 exec "$PY" bench/smtp_bench.py "$@"

@@ -5,6 +5,6 @@
 #   bench/snmp.sh [-n OUTSTANDING] [-d SECONDS] [--runs 3] [--reps 50]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-/tmp/pvenv/bin/python}"
-[ -x "$PY" ] || PY=python3
+PY="${PYTHON:-$PWD/.venv/bin/python}"
+[ -x "$PY" ] || { echo "$0: $PY not found: run ./scripts/bootstrap --test first" >&2; exit 2; }
 exec "$PY" bench/snmp_bench.py "$@"

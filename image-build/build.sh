@@ -47,8 +47,6 @@ MBR_BIN=/usr/lib/syslinux/mbr/mbr.bin
 if [ -z "${BUILD_PYTHON:-}" ]; then
 	if [ -x "$repo/.venv/bin/python" ]; then # scripts/bootstrap's venv (CI)
 		BUILD_PYTHON=$repo/.venv/bin/python
-	elif [ -x /tmp/pvenv/bin/python ]; then
-		BUILD_PYTHON=/tmp/pvenv/bin/python
 	else
 		if [ ! -x "$CACHE/build-venv/bin/python" ]; then
 			mkdir -p "$CACHE"

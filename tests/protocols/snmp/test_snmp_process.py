@@ -4,6 +4,7 @@ v3, policy reloads on SIGHUP, and the audit log has one record per request."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,5 +87,5 @@ snmp:
         assert "authorizationError" in r.stderr, r.stdout + r.stderr
         text = pv.audit_path.read_text()
         assert "authpass" not in text and "privpass" not in text and "labcomm" not in text
-    assert subprocess.run(["/tmp/pvenv/bin/python", "-m", "proxyvm", "audit", "verify", str(pv.audit_path)],
+    assert subprocess.run([sys.executable, "-m", "proxyvm", "audit", "verify", str(pv.audit_path)],
                           capture_output=True).returncode == 0
