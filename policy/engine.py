@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from policy.decision import Decision, ReasonCode, Verdict, decision_factory, make_decision
+from policy.digest import policy_digest
 from policy.matchers import Index, NameIndex, new_index
 from policy.model import (
     MATCH_KEYS,
@@ -312,6 +313,7 @@ class Engine:
         self.clock = clock
         self._buckets: dict[tuple[int, str], _Bucket] = {}
         self._tables: dict[str, _Table] = dict(tables)
+        self.digest = ""  # "sha256:<hex>" of the rules (and list) files compiled; set by compile()
 
     @classmethod
     def compile(cls, policy: Policy, guests: Iterable[str] = (), clock: Clock = time.monotonic) -> Engine:
@@ -321,7 +323,12 @@ class Engine:
         tables = {protocol: _compile_table(policy, protocol, known, problems) for protocol in PROTOCOLS}
         if problems:
             raise SourceError(problems)
-        return cls(policy, tables, known, clock)
+        engine = cls(policy, tables, known, clock)
+        try:
+            engine.digest = policy_digest(policy)
+        except OSError:  # a Policy built in memory (tests): no file to hash
+            engine.digest = ""
+        return engine
 
     # -- properties -----------------------------------------------------------------------------
     @property

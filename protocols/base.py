@@ -61,6 +61,27 @@ class ServiceContext:
     """Optional latency hook: observe(protocol, guest, verdict, rule, seconds)."""
 
 
+async def reload_service(service: Service, old_engine: Any, settings: Any, engine: Any) -> None:
+    """The one reload path of every service process (the worker and each HTTP pool child).
+
+    The bookkeeping a reload owes every guest happens here, not in the services: the token buckets
+    of rules whose id and rate are unchanged carry over to the new engine, so a SIGHUP never hands
+    out a fresh allowance. The service then only swaps in the new objects (`Service.reload`)."""
+    inherit = getattr(engine, "inherit_rate_state", None)
+    if inherit is not None and old_engine is not None and old_engine is not engine \
+            and type(old_engine) is type(engine):
+        inherit(old_engine)
+    await service.reload(settings, engine)
+
+
+def stamp_policy(record: dict[str, Any], digest: str) -> dict[str, Any]:
+    """`record` with the digest of the policy in force (decision records only; a record that
+    already names one, e.g. from an HTTP pool child, keeps it)."""
+    if "kind" in record or "policy" in record or not digest:
+        return record
+    return {**record, "policy": digest}
+
+
 class MemoryAudit:
     """An AuditSink that keeps records in a list (unit tests only)."""
 

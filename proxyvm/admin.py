@@ -39,7 +39,7 @@ class Metrics:
         """Count one audit record (runs once per request: label children are cached)."""
         verdict = rec.get("verdict")
         protocol = rec.get("protocol", "")
-        if verdict:
+        if verdict and "kind" not in rec:  # decisions only (delivery outcomes carry a kind)
             key = (protocol, rec.get("guest", ""), verdict, rec.get("rule", ""))
             child = self._decision_children.get(key)
             if child is None:

@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = _load_or_report(args.config)
     if loaded is None:
         return EXIT_FAIL
-    config = loaded[0]
+    config, engine = loaded
     enabled: list[str] = []
     unavailable: dict[str, str] = {}
     for name in SERVICES:
@@ -81,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         enabled.append(name)
     prepare_dirs(config)
-    sup = Supervisor(os.path.abspath(args.config) if args.config else None, config, enabled, unavailable)
+    sup = Supervisor(os.path.abspath(args.config) if args.config else None, config, enabled, unavailable,
+                     policy_digest=getattr(engine, "digest", ""))
     return asyncio.run(sup.run())
 
 

@@ -51,9 +51,11 @@ class ServiceState:
 
 
 class Supervisor:
-    def __init__(self, config_path: str | None, config: Any, services: list[str], unavailable: dict[str, str]):
+    def __init__(self, config_path: str | None, config: Any, services: list[str], unavailable: dict[str, str],
+                 policy_digest: str = ""):
         self.config_path = config_path
         self.config = config
+        self.policy_digest = policy_digest  # "sha256:..." of the policy the workers run
         self.services = {name: ServiceState(name) for name in services}
         self.unavailable = unavailable
         self.metrics = Metrics()
@@ -70,11 +72,13 @@ class Supervisor:
             self.metrics.observe_record(rec)
         self.metrics.audit_records.inc(len(records))
 
-    def audit_event(self, event: str, reason: str, **extra: Any) -> None:
-        """The supervisor's own records (start, crash, reload): protocol "proxyvm"."""
+    def audit_event(self, event: str, reason: str, kind: str = "service", **extra: Any) -> None:
+        """The supervisor's own records (start, crash, reload): protocol "proxyvm", with a `kind`
+        (`service` or `reload`) so that no reader takes them for decisions."""
         self.write_audit(
             [
                 {
+                    "kind": kind,
                     "guest": None,
                     "src": None,
                     "protocol": "proxyvm",
@@ -190,12 +194,13 @@ class Supervisor:
     async def reload(self) -> bool:
         """SIGHUP: validate first; only a valid config + policy reaches the workers."""
         try:
-            config, _engine = load_all(self.config_path)
+            config, engine = load_all(self.config_path)
         except Exception as e:  # noqa: BLE001 - any load failure rejects the reload
             msg = str(e)
             log.error("reload rejected; the running policy stays in force:\n%s", msg)
             self.metrics.reloads.labels("rejected").inc()
-            self.audit_event("reload_rejected", "new config/policy invalid; old one stays in force", errors=msg)
+            self.audit_event("reload_rejected", "new config/policy invalid; old one stays in force", kind="reload",
+                             errors=msg, policy=self.policy_digest)
             return False
         changed = [n for n in ("audit", "admin", "user", "state_dir") if getattr(config, n) != getattr(self.config, n)]
         if changed:
@@ -212,10 +217,14 @@ class Supervisor:
             except TimeoutError:
                 results[s.name] = {"ok": False, "errors": "timeout"}
         ok = all(r.get("ok") for r in results.values())
+        old_digest = self.policy_digest
+        if ok:
+            self.policy_digest = engine.digest
         self.metrics.reloads.labels("ok" if ok else "partial").inc()
         self.audit_event(
             "reload", "policy and config reloaded" if ok else "reload failed in some services",
-            services={k: v.get("ok") for k, v in results.items()},
+            kind="reload", services={k: v.get("ok") for k, v in results.items()},
+            old_policy=old_digest, policy=engine.digest,
         )
         log.info("reload %s: %s", "done" if ok else "incomplete", {k: v.get("ok") for k, v in results.items()})
         return ok
@@ -252,7 +261,8 @@ class Supervisor:
             log.info("admin listening on %s (/healthz, /metrics)", await self.admin.start())
         for name, why in self.unavailable.items():
             log.warning("%s: not available yet — %s", name, why)
-        self.audit_event("start", f"proxyvm started with {self.config.source}", services=list(self.services))
+        self.audit_event("start", f"proxyvm started with {self.config.source}", services=list(self.services),
+                         policy=self.policy_digest)
         for s in self.services.values():
             await self._spawn(s)
         for s in self.services.values():

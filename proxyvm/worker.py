@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from policy import load_policy
+from protocols.base import reload_service, stamp_policy
 from proxyvm import channel
 from proxyvm.audit import now_iso
 from proxyvm.config import load_all
@@ -42,6 +43,7 @@ class ChannelAudit:
         self.buf: list[dict[str, Any]] = []
         self.dropped = 0
         self.wakeup = asyncio.Event()
+        self.policy = ""  # digest of the policy in force, stamped on every decision record
 
     def emit(self, record: dict[str, Any]) -> None:
         if len(self.buf) >= AUDIT_BUFFER_MAX:
@@ -49,6 +51,7 @@ class ChannelAudit:
             return
         if "ts" not in record:
             record = {"ts": now_iso(), **record}
+        record = stamp_policy(record, self.policy)
         self.buf.append(record)
         if len(self.buf) >= AUDIT_BATCH:
             self.wakeup.set()
@@ -90,6 +93,7 @@ class Worker:
         self.log = logging.getLogger(f"proxyvm.{name}")
         self.audit = ChannelAudit()
         self.service: Any = None
+        self.engine: Any = None  # the policy in force in this process
         self.writer: asyncio.StreamWriter | None = None
         self.stopping = asyncio.Event()
         self._drain_timeout = 10.0  # the supervisor's drain message may change it
@@ -110,6 +114,8 @@ class Worker:
             return 1
         settings = getattr(config, self.name)
         cls = load_service_class(self.name)
+        self.engine = engine
+        self.audit.policy = getattr(engine, "digest", "")
         ctx = ServiceContext(
             settings=settings,
             engine=engine,
@@ -204,7 +210,13 @@ class Worker:
                 # Parsed (secrets included) by the supervisor; the policy is compiled here.
                 config = channel.unpack(packed)
                 engine = await asyncio.to_thread(load_policy, config.policy_file, guests=set(config.guests))
-            await self.service.reload(getattr(config, self.name), engine)
+            old_digest, self.audit.policy = self.audit.policy, getattr(engine, "digest", "")
+            try:
+                await reload_service(self.service, self.engine, getattr(config, self.name), engine)
+            except BaseException:
+                self.audit.policy = old_digest
+                raise
+            self.engine = engine
         except Exception as e:  # noqa: BLE001 - old config stays in force; report why
             self.log.error("reload rejected, old policy stays in force: %s", e)
             self.send({"t": "reloaded", "ok": False, "errors": str(e)})

@@ -336,10 +336,7 @@ class DNSService:
     async def reload(self, settings: Any, engine: Any) -> None:
         """Swap policy (always) and settings. Listeners stay; upstream/DNSSEC changes get a new
         Forwarder while in-flight queries finish on the old one."""
-        inherit = getattr(engine, "inherit_rate_state", None)
-        if inherit is not None and self.engine is not None and type(self.engine) is type(engine):
-            inherit(self.engine)  # a SIGHUP must not hand every guest a fresh rate allowance
-        self.engine = engine
+        self.engine = engine  # rate buckets were carried over by protocols.base.reload_service
         self._answer_ip = _engine_uses_answer_ip(engine)
         self._guests.clear()
         if settings is None or settings == self.settings:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocols.base import stamp_policy
+
 _LEN = struct.Struct("!I")
 _REPO = str(Path(__file__).resolve().parents[2])
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -231,6 +233,7 @@ class PipeAudit:
     def __init__(self) -> None:
         self.buf: list[dict[str, Any]] = []
         self.dropped = 0
+        self.policy = ""  # digest of this child's policy, stamped on its decision records
 
     def emit(self, record: dict[str, Any]) -> None:
         if len(self.buf) >= self.MAX:
@@ -238,6 +241,7 @@ class PipeAudit:
             return
         if "ts" not in record:
             record = {"ts": _now_iso(), **record}
+        record = stamp_policy(record, self.policy)
         self.buf.append(record)
 
 
@@ -260,7 +264,7 @@ def _drop_privileges(user: str | None) -> None:
 
 async def _child(channel_fd: int) -> int:
     from policy import load_policy
-    from protocols.base import ServiceContext
+    from protocols.base import ServiceContext, reload_service
     from protocols.http.service import HTTPService
 
     sock = socket.socket(fileno=channel_fd)
@@ -271,9 +275,11 @@ async def _child(channel_fd: int) -> int:
     logging.basicConfig(level=spec.log_level, format=f"http-worker[{spec.index}] %(levelname)s %(message)s")
     log = logging.getLogger("proxyvm.http.worker")
     audit = PipeAudit()
+    engine = load_policy(spec.policy_file, guests=spec.guest_names)
+    audit.policy = engine.digest
     ctx = ServiceContext(
         settings=spec.settings,
-        engine=load_policy(spec.policy_file, guests=spec.guest_names),
+        engine=engine,
         audit=audit,
         guests=spec.guests,
         log=log,
@@ -312,8 +318,9 @@ async def _child(channel_fd: int) -> int:
                 stopping.set()
                 return
             if msg.get("t") == "reload":
-                engine = load_policy(msg["policy_file"], guests=msg["guest_names"])
-                await svc.reload(msg["settings"], engine)
+                new = load_policy(msg["policy_file"], guests=msg["guest_names"])
+                audit.policy = new.digest
+                await reload_service(svc, ctx.engine, msg["settings"], new)
             elif msg.get("t") == "drain":
                 drain_timeout = float(msg.get("timeout", 10.0))
                 stopping.set()

@@ -247,6 +247,7 @@ class QueueRunner:
                 await asyncio.sleep(5)
         self.bounced += 1
         self.audit.emit({
+            "kind": "delivery",  # what became of accepted mail: not a decision
             "guest": env.guest, "src": env.src, "protocol": "smtp", "verdict": "allow", "rule": "dsn", "at": "",
             "reason": f"bounce for message {env.id}: {'expired after retry.max_age' if expired else 'rejected by peer'}",
             "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(failed)},
@@ -275,6 +276,7 @@ class QueueRunner:
         env = entry.envelope
         rule, at = self._rule(env)
         rec: dict[str, Any] = {
+            "kind": "delivery",  # what became of accepted mail: not a decision
             "guest": env.guest, "src": env.src, "protocol": "smtp",
             "verdict": "allow", "rule": rule, "at": at,
             "reason": f"delivery attempt to {a.peer}: {a.outcome}",
@@ -293,6 +295,7 @@ class QueueRunner:
         rule, at = self._rule(env)
         outcome = "delivered" if not failed else ("expired" if expired else ("failed" if not delivered else "partial"))
         self.audit.emit({
+            "kind": "delivery",  # what became of accepted mail: not a decision
             "guest": env.guest, "src": env.src, "protocol": "smtp", "verdict": "allow", "rule": rule, "at": at,
             "reason": f"message {env.id} {outcome} after {entry.state.attempts} attempt(s)",
             "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(env.rcpts),

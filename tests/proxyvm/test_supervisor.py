@@ -6,6 +6,7 @@ address where nothing listens, so these tests need no peer and send nothing off 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -148,10 +149,17 @@ def test_sighup_rejects_invalid_policy_then_applies_valid_one_without_dropping(p
     conn = socket.create_connection((ADDR, proxy.port), timeout=5)
     try:
         assert _tcp_query(conn, "x.bad.test").rcode() == dns.rcode.REFUSED
+        v1 = "sha256:" + hashlib.sha256(RULES_V1.encode()).hexdigest()
+        # provenance: the decision names the exact rules file that made it; supervisor records a kind
+        dec = proxy.wait_audit(lambda r: r.get("request", {}).get("qname") == "x.bad.test")
+        assert dec["policy"] == v1 and "kind" not in dec
+        start = proxy.wait_audit(lambda r: r.get("request", {}).get("event") == "start")
+        assert start["kind"] == "service" and start["policy"] == v1
         rules.write_text(RULES_BROKEN)
         proxy.reload()
         rec = proxy.wait_audit(lambda r: r.get("request", {}).get("event") == "reload_rejected")
         assert "rules.yaml:11:13: unknown key 'qnme'" in rec["errors"] and "unknown key 'qnme'" in rec["errors"]
+        assert rec["kind"] == "reload" and rec["policy"] == v1  # the policy that stays in force
         assert "reload rejected" in proxy.tail()
         # old policy still in force, same connection still open
         assert _tcp_query(conn, "y.bad.test").rcode() == dns.rcode.REFUSED
@@ -160,7 +168,11 @@ def test_sighup_rejects_invalid_policy_then_applies_valid_one_without_dropping(p
         proxy.reload()
         rec = proxy.wait_audit(lambda r: r.get("request", {}).get("event") == "reload")
         assert rec["services"] == {"dns": True}
+        v2 = "sha256:" + hashlib.sha256(RULES_V2.encode()).hexdigest()
+        assert (rec["kind"], rec["old_policy"], rec["policy"]) == ("reload", v1, v2)
         assert _tcp_query(conn, "z.other.test").rcode() == dns.rcode.REFUSED
+        dec = proxy.wait_audit(lambda r: r.get("request", {}).get("qname") == "z.other.test")
+        assert dec["policy"] == v2 and dec["rule"] == "block-other"
         assert _tcp_query(conn, "z.bad.test").rcode() == dns.rcode.REFUSED
     finally:
         conn.close()
