@@ -23,6 +23,8 @@ import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from protocols.addr import hostport
+
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
@@ -156,7 +158,7 @@ class OrigSrc(tuple):
     @classmethod
     def of(cls, src: tuple, orig: Address | None) -> OrigSrc:
         out = cls(src)
-        out.orig = f"{orig[0]}:{orig[1]}" if orig else None
+        out.orig = hostport(orig[0], orig[1]) if orig else None
         return out
 
 

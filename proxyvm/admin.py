@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from protocols.addr import hostport
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -67,7 +69,7 @@ class AdminServer:
         self.server = await asyncio.start_server(self._handle, self.host, self.port, limit=8192)
         sock = self.server.sockets[0].getsockname()
         self.port = sock[1]
-        return f"tcp {self.host}:{self.port}"
+        return f"tcp {hostport(self.host, self.port)}"
 
     async def close(self) -> None:
         if self.server:

@@ -23,6 +23,7 @@ import dns.rcode
 import dns.rdatatype
 
 from policy.decision import Decision, ReasonCode, Verdict
+from protocols.addr import hostport
 from protocols.base import ServiceContext
 from protocols.dns import wire
 from protocols.dns.cache import CacheEntry, E, stale_wire, upstream_audit, wire_at
@@ -323,7 +324,7 @@ class DNSService:
                 self.transports.append(listener)
                 srv = await loop.create_server(lambda: _TCP(self), host, port, reuse_address=True, backlog=512)
                 self.servers.append(srv)
-                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                shown = hostport(host, port)
                 out += [f"udp {shown}", f"tcp {shown}"]
         except OSError:
             await self.drain(0)
@@ -417,7 +418,7 @@ class DNSService:
         dt = self.clock() - t0
         verdict = d.verdict.value
         rec = {
-            "guest": guest, "src": f"{src[0]}:{src[1]}", "protocol": "dns", "verdict": verdict,
+            "guest": guest, "src": hostport(src[0], src[1]), "protocol": "dns", "verdict": verdict,
             "rule": d.rule, "at": d.at, "reason": d.detail, "request": {"qname": qname, "qtype": qtype},
             "upstream": upstream, "rcode": rcode_text(rcode), "duration_ms": int(dt * 1e6) / 1000,
         }

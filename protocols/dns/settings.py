@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy.source import Node, SourceError
+from protocols.addr import hostport
 
 _PIN = re.compile(r"^sha256/([A-Za-z0-9+/]{43}=)$")
 
@@ -31,7 +32,7 @@ class UpstreamSettings:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

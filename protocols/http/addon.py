@@ -33,6 +33,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from OpenSSL import SSL
 
 from policy.decision import Decision, ReasonCode, Verdict
+from protocols.addr import hostport
 from protocols.base import ServiceContext, audit_record
 from protocols.http import core, layers
 from protocols.http.resolve import UpstreamResolver
@@ -214,7 +215,7 @@ class PolicyAddon:
             **extra,
         )
         if st.info.orig_dst:
-            rec["orig_dst"] = f"{st.info.orig_dst[0]}:{st.info.orig_dst[1]}"
+            rec["orig_dst"] = hostport(*st.info.orig_dst[:2])
         self.ctx.audit.emit(rec)
         self.emitted += 1
         if self.ctx.observe is not None:
@@ -242,7 +243,7 @@ class PolicyAddon:
         if not st.upstream_ip and not sc.peername:
             return None
         peer = sc.peername or (st.upstream_ip, flow.request.port)
-        address = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+        address = hostport(peer[0], peer[1])
         if st.plaintext:
             return {"address": address, "tls": None, "verified": False, "plaintext": True}
         return {"address": address, "tls": sc.tls_version, "verified": bool(sc.tls_established)}
@@ -366,8 +367,8 @@ class PolicyAddon:
             guard = self._guard("tls", info.guest, "sni" if sni else "dst", sni or ip, ip)
             d = guard or d
         if d.allowed and self._is_self(ip, port):
-            d = _decision(Verdict.DENY, "loop", f"{ip}:{port} is this proxy")
-        upstream = {"address": f"{ip}:{port}", "tls": "passthrough", "verified": False}
+            d = _decision(Verdict.DENY, "loop", f"{hostport(ip, port)} is this proxy")
+        upstream = {"address": hostport(ip, port), "tls": "passthrough", "verified": False}
         st = FlowState(info, "tls", request, d, time.monotonic())
         self._emit(st, status=None, upstream=upstream)
         if not d.allowed:
@@ -376,7 +377,7 @@ class PolicyAddon:
         host = sni or ip
         context.server.address = (host, port)
         info.pin(host, port, ip)
-        st.upstream_ip = f"{ip}:{port}"
+        st.upstream_ip = hostport(ip, port)
         nl.layer = layers.SplicedTunnel(context, functools.partial(self._tunnel_end, st))
 
     def _tunnel_end(self, st: FlowState, bytes_in: int, bytes_out: int, error: str) -> None:
@@ -422,7 +423,7 @@ class PolicyAddon:
         if d.allowed:
             d = self._guard("tls", info.guest, "sni", host, ip) or d
         if d.allowed and self._is_self(ip, port):
-            d = _decision(Verdict.DENY, "loop", f"{ip}:{port} is this proxy")
+            d = _decision(Verdict.DENY, "loop", f"{hostport(ip, port)} is this proxy")
         st.decision = d
         if not d.allowed:
             flow.response = self._deny_response(d)
@@ -430,9 +431,9 @@ class PolicyAddon:
             return
         info.pin(host, port, ip)
         info.tunnel_host = host
-        upstream = {"address": f"{ip}:{port}", "tls": "passthrough", "verified": False}
-        self._emit(st, status=200, upstream=upstream, connect=f"{host}:{port}")
-        st.upstream_ip = f"{ip}:{port}"
+        upstream = {"address": hostport(ip, port), "tls": "passthrough", "verified": False}
+        self._emit(st, status=200, upstream=upstream, connect=hostport(host, port))
+        st.upstream_ip = hostport(ip, port)
         info.tunnel = st
 
     def _deny_response(self, d: Decision) -> http.Response:
@@ -475,7 +476,7 @@ class PolicyAddon:
         guard = self._guard(protocol, info.guest, "host", host, ip)
         plan = core.plan_upstream(None if guest_port == 80 else guest_port, plaintext=d.plaintext)
         if guard is None and self._is_self(ip, plan.port):
-            guard = _decision(Verdict.DENY, "loop", f"{host} ({ip}:{plan.port}) is this proxy")
+            guard = _decision(Verdict.DENY, "loop", f"{host} ({hostport(ip, plan.port)}) is this proxy")
         if guard is not None:
             st.decision = guard
             flow.response = self._deny_response(guard)
@@ -652,7 +653,7 @@ class PolicyAddon:
         ip = info.pins.get((host, port))
         if ip is None:
             # Only addresses validated by a decision are ever dialled (no system resolver behind our back).
-            data.server.error = f"no validated address for {host}:{port}"
+            data.server.error = f"no validated address for {hostport(host, port)}"
             return
         info.restore[data.server.id] = (str(addr[0]), port)
         data.server.address = (ip, port)

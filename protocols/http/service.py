@@ -32,6 +32,7 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
 
+from protocols.addr import hostport
 from protocols.base import ServiceContext
 from protocols.http.addon import HOOKS, ConnInfo, PolicyAddon
 from protocols.http.resolve import UpstreamResolver
@@ -58,10 +59,6 @@ class GuestConnectionHandler(ProxyConnectionHandler):
         with self.timeout_watchdog.disarm():
             (data,) = hook.args()
             await fn(data)
-
-
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _original_dst(sock: socket.socket | None) -> tuple[str, int] | None:
@@ -167,7 +164,7 @@ class HTTPService:
                     )
                 self._servers.append((kind, server))
                 bound = server.sockets[0].getsockname()
-                out.append(f"tcp {_fmt(bound[0], bound[1])} (http {kind})")
+                out.append(f"tcp {hostport(bound[0], bound[1])} (http {kind})")
             if extra:
                 self.pool = WorkerPool(self.ctx.audit.emit, self.log)
                 for i, socks in enumerate(extra):
@@ -235,7 +232,7 @@ class HTTPService:
             info = ConnInfo(
                 kind=kind,
                 guest=self.ctx.guests.lookup(str(peer[0])),
-                src=_fmt(str(peer[0]), int(peer[1])),
+                src=hostport(str(peer[0]), int(peer[1])),
                 orig_dst=orig,
             )
             self.addon.conns[handler.client.id] = info
@@ -321,6 +318,6 @@ class HTTPService:
             "connections": conns,
             "refused": self.refused,
             "hook_failures": failures,
-            "listeners": [f"{k} {_fmt(*a)}" for k, v in self.bound_addresses().items() for a in v],
+            "listeners": [f"{k} {hostport(*a)}" for k, v in self.bound_addresses().items() for a in v],
             "pid": os.getpid(),
         }

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy.source import Node
+from protocols.addr import hostport
 
 Address = tuple[str, int]
 
@@ -76,7 +77,7 @@ def _addresses(node: Node, default_port: int, kind: str, seen: dict[Address, str
     for item in node.get_list("addresses", allow_scalar=True):
         host, port = item.hostport(default_port=default_port)
         if (host, port) in seen:
-            raise item.fail(f"{host}:{port} is used by both {seen[(host, port)]} and {kind} listeners")
+            raise item.fail(f"{hostport(host, port)} is used by both {seen[(host, port)]} and {kind} listeners")
         seen[(host, port)] = kind
         out.append((host, port))
     return tuple(out)

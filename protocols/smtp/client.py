@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from protocols.addr import hostport
 from protocols.smtp.settings import RelayAuth
 
 MAX_REPLY_LINES = 100
@@ -162,7 +163,7 @@ class Session:
         reply_timeout: float,
         auth: RelayAuth | None = None,
     ) -> Session:
-        address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        address = hostport(ip, port)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(ip, port, ssl=context if implicit_tls else None,

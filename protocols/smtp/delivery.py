@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocols.addr import hostport
 from protocols.smtp import dane
 from protocols.smtp.client import DeliveryError, Reply, Session
 from protocols.smtp.mtasts import MTASTS, STSPolicy
@@ -329,7 +330,7 @@ class Deliverer:
 
 
 def _addr(t: Target) -> str:
-    return f"[{t.ip}]:{t.port}" if ":" in t.ip else f"{t.ip}:{t.port}"
+    return hostport(t.ip, t.port)
 
 
 def _overall(outcomes: list[str]) -> str:

@@ -28,6 +28,7 @@ import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
+from protocols.addr import hostport
 from protocols.base import ServiceContext, audit_record
 from protocols.smtp.delivery import Deliverer
 from protocols.smtp.queue import QueueRunner
@@ -416,7 +417,7 @@ class GuestHandler:
 
     def _guest(self, session: Any) -> tuple[str, str]:
         ip, port = session.peer[0], session.peer[1]
-        src = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        src = hostport(ip, port)
         return self.service.ctx.guests.lookup(ip), src
 
     async def handle_exception(self, error: Exception) -> str:
@@ -578,7 +579,7 @@ class SMTPService:
             for host, port in s.listen:
                 server = await loop.create_server(lambda: GuestSMTP(self.handler, self.settings), host, port)
                 self._servers.append(server)
-                listening.append(f"tcp {host}:{port}" if ":" not in host else f"tcp [{host}]:{port}")
+                listening.append(f"tcp {hostport(host, port)}")
         except OSError:
             for srv in self._servers:
                 srv.close()

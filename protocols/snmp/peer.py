@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from protocols.addr import addr_text
 from protocols.snmp import ber, usm
 from protocols.snmp.settings import Credentials
 from protocols.snmp.udp import UDPEndpoint
@@ -102,7 +103,7 @@ class V3Peer:
                 self.transport = UDPEndpoint.connect(self.address, lambda data, _addr: self._received(data),
                                                      self._icmp_error)
             except OSError as e:
-                raise AgentError(f"cannot open a socket to {self.address[0]}:{self.address[1]}: "
+                raise AgentError(f"cannot open a socket to {addr_text(self.address)}: "
                                  f"{e.strerror or e}") from None
         return self.transport
 

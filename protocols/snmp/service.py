@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from policy.decision import Decision, ReasonCode, Verdict
+from protocols.addr import addr_text
 from protocols.base import ServiceContext
 from protocols.snmp import ber, translate, usm
 from protocols.snmp.peer import AgentError, AgentTimeout, V3Peer
@@ -178,7 +179,7 @@ class SNMPService:
                 listener: Any = (_TransparentListener(handler, host, port) if self._transparent()
                                  else _Listener(self, handler, host, port))
                 self._listeners.append(listener)
-                out.append(f"udp {_fmt(listener.endpoint.getsockname())}")
+                out.append(f"udp {addr_text(listener.endpoint.getsockname())}")
         return out
 
     def _transparent(self) -> bool:
@@ -269,7 +270,7 @@ class SNMPService:
                 return known if (community in s.communities or community == known.community) else None
             if s.default_agent_credentials is None or community not in s.communities:
                 return None
-            return Agent(name=_fmt((host, port)), address=(host, port), credentials=s.default_agent_credentials,
+            return Agent(name=addr_text((host, port)), address=(host, port), credentials=s.default_agent_credentials,
                          timeout=s.default_timeout, retries=s.default_retries)
         return s.agent_by_community(community)
 
@@ -301,7 +302,7 @@ class SNMPService:
         if alarm:
             rec["alarm"] = alarm
         if orig_dst:
-            rec["orig_dst"] = _fmt(orig_dst)
+            rec["orig_dst"] = addr_text(orig_dst)
         self.ctx.audit.emit(rec)
 
     def _flood(self, guest: str, src: str, now: float, what: str) -> None:
@@ -372,7 +373,7 @@ class SNMPService:
         reply (denials, errors), None (a silent drop), or a _Job to send to the agent."""
         t0 = time.perf_counter()
         guest = self.ctx.guests.lookup(src[0])
-        srcs = _fmt(src)
+        srcs = addr_text(src)
         if self._draining:
             return None
         if len(data) > self.settings.limits.max_request_size:
@@ -419,7 +420,7 @@ class SNMPService:
                    "oids": [ber.oid_str(vb.oid) for vb in vbs[:OIDS_IN_AUDIT]]}
         extra: dict[str, Any] = {}
         if orig_dst is not None:
-            extra["orig_dst"] = _fmt(orig_dst)
+            extra["orig_dst"] = addr_text(orig_dst)
         non_rep = max_rep = 0
         if pdu.tag == ber.GETBULK:
             non_rep = min(max(pdu.error_status, 0), len(vbs))
@@ -463,7 +464,7 @@ class SNMPService:
         if not vbs:
             self._audit(decision, guest, srcs, request, None, "noError", t0, extra)
             return self._encode(msg, pdu, ber.PDU(ber.RESPONSE, pdu.request_id, 0, 0, []))
-        upstream = {"address": _fmt(agent.address), "security": "authPriv",
+        upstream = {"address": addr_text(agent.address), "security": "authPriv",
                     "auth": agent.credentials.auth_protocol, "priv": agent.credentials.priv_protocol}
         peer = self._peer(agent.address, agent.credentials, agent.timeout, agent.retries)
         bucket.inflight += 1
@@ -546,7 +547,7 @@ class SNMPService:
         after every v3 INFORM receiver acknowledged), or None."""
         t0 = time.perf_counter()
         guest = self.ctx.guests.lookup(src[0])
-        srcs = _fmt(src)
+        srcs = addr_text(src)
         if self._draining:
             return None
         try:
@@ -735,11 +736,6 @@ def _ts() -> str:
     if sec != _ts_second[0]:
         _ts_second[0], _ts_second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
     return f"{_ts_second[1]}.{int((now - sec) * 1000):03d}Z"
-
-
-def _fmt(addr: Any) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _ver(version: int) -> str:

@@ -13,6 +13,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 from policy.source import Node, Secret
+from protocols.addr import addr_text
 from protocols.snmp import usm
 
 DEFAULT_AUTH = ("SHA-224", "SHA-256", "SHA-384", "SHA-512")
@@ -55,7 +56,7 @@ class TrapReceiver:
 
     @property
     def name(self) -> str:
-        return f"{self.address[0]}:{self.address[1]}"
+        return addr_text(self.address)
 
 
 @dataclass(frozen=True, slots=True)
