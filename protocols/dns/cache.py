@@ -35,7 +35,7 @@ class E:
     STATUS = 8  # DNSSEC: "secure" | "insecure" | "bogus" | "indeterminate" | None (not validated)
     EDE = 9
     IPS = 10  # every A/AAAA address in the answer (for answer_ip rules)
-    PRIVATE = 11  # those in private/loopback/link-local/unspecified ranges (rebinding protection)
+    PRIVATE = 11  # those in internal ranges (policy.addresses; rebinding protection)
     UPSTREAM = 12  # (address, name, tls version, resumed) of the upstream that answered
     REASON = 13  # why a SERVFAIL entry failed validation
 

@@ -11,7 +11,6 @@ Must not: decide policy, touch guest sockets, or return data the validator calle
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import struct
@@ -28,6 +27,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
+from policy.addresses import internal_class, internal_packed
 from protocols.dns import wire
 from protocols.dns.cache import Cache, CacheEntry, make_entry
 from protocols.dns.dnssec.scrub import scrub
@@ -36,35 +36,14 @@ from protocols.dns.upstream import PoolFailure, UpstreamAnswer, UpstreamFailure,
 
 _DNSSEC_TYPES = frozenset({dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3})
 
-# Rebinding protection: answers pointing inside the guest's own networks. Listed explicitly
-# (not ipaddress.is_private, which also covers documentation and benchmarking ranges).
-_PRIVATE_NETS = tuple(
-    ipaddress.ip_network(n)
-    for n in (
-        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-        "192.168.0.0/16", "::/128", "::1/128", "fe80::/10", "fc00::/7",
-    )
-)
-
-
+# Rebinding protection: answers pointing at internal addresses (the one table: policy.addresses).
 def is_private_packed(b: bytes) -> bool:
-    """is_private_ip for a packed A (4 bytes) or AAAA (16 bytes) address, without ipaddress."""
-    if len(b) == 16:
-        if b[:12] == b"\x00" * 10 + b"\xff\xff":
-            b = b[12:]  # IPv4-mapped
-        else:
-            return (b == bytes(16) or b == bytes(15) + b"\x01" or (b[0] == 0xFE and b[1] & 0xC0 == 0x80)
-                    or b[0] & 0xFE == 0xFC)
-    a, b1 = b[0], b[1]
-    return (a in (0, 10, 127) or (a == 100 and b1 & 0xC0 == 64) or (a == 169 and b1 == 254)
-            or (a == 172 and b1 & 0xF0 == 16) or (a == 192 and b1 == 168))
+    """Whether a packed A (4 bytes) or AAAA (16 bytes) answer points at an internal address."""
+    return internal_packed(b) is not None
 
 
 def is_private_ip(text: str) -> bool:
-    ip = ipaddress.ip_address(text)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == n.version and ip in n for n in _PRIVATE_NETS)
+    return internal_class(text) is not None
 
 
 class NoValidator(Exception):

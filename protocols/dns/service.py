@@ -564,7 +564,7 @@ class DNSService:
                 ips = ", ".join(entry[E.PRIVATE][:4])
                 d = _builtin(
                     Verdict.WOULD_DENY if monitor else Verdict.DENY, "rebinding-protection",
-                    f"answer for {qname} points into a private range ({ips}) and no rule names {qname}",
+                    f"answer for {qname} points into an internal range ({ips}) and no rule names {qname}",
                 )
                 return d, "rebinding protection"
         return None

@@ -9,11 +9,11 @@ Must not: perform I/O, read settings files, or know about audit records.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+
+from policy.addresses import AddressClass, internal_class
 
 # RFC 9110 §7.6.1 plus the de-facto ones. Transfer-Encoding is hop-by-hop in theory but carries the
 # body framing mitmproxy re-encodes itself, so it is left alone here.
@@ -150,45 +150,13 @@ def cause_text(failure: UpstreamFailure) -> str:
     return _CAUSE_TEXT[failure]
 
 
-class Guarded(StrEnum):
-    """Why the SSRF guard refuses an address (StrEnum: goes into audit reasons as is)."""
-
-    METADATA = "cloud metadata"
-    LOOPBACK = "loopback"
-    LINK_LOCAL = "link-local"
-    PRIVATE = "private"
-    UNSPECIFIED = "unspecified"
-    MULTICAST = "multicast"
-    RESERVED = "reserved"
+#: Why the SSRF guard refuses an address: the product's one table of internal ranges.
+Guarded = AddressClass
 
 
-_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-
-
-@functools.lru_cache(maxsize=4096)
-def guarded_address(ip: str) -> Guarded | None:
+def guarded_address(ip: str) -> AddressClass | None:
     """The class of an internal address the SSRF guard protects, or None for a public one."""
-    try:
-        a = ipaddress.ip_address(ip)
-    except ValueError:
-        return Guarded.RESERVED
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        a = a.ipv4_mapped
-    if a in _METADATA:
-        return Guarded.METADATA
-    if a.is_loopback:
-        return Guarded.LOOPBACK
-    if a.is_link_local:
-        return Guarded.LINK_LOCAL
-    if a.is_unspecified:
-        return Guarded.UNSPECIFIED
-    if a.is_multicast:
-        return Guarded.MULTICAST
-    if a.is_private:
-        return Guarded.PRIVATE
-    if a.is_reserved or not a.is_global:
-        return Guarded.RESERVED
-    return None
+    return internal_class(ip)
 
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

@@ -28,31 +28,6 @@ def test_classify_upstream_error(message: str, cause: core.UpstreamFailure) -> N
 
 
 @pytest.mark.parametrize(
-    ("ip", "cls"),
-    [
-        ("169.254.169.254", core.Guarded.METADATA),
-        ("127.0.0.1", core.Guarded.LOOPBACK),
-        ("::1", core.Guarded.LOOPBACK),
-        ("::ffff:127.0.0.1", core.Guarded.LOOPBACK),
-        ("169.254.1.1", core.Guarded.LINK_LOCAL),
-        ("fe80::1", core.Guarded.LINK_LOCAL),
-        ("10.1.2.3", core.Guarded.PRIVATE),
-        ("172.16.0.1", core.Guarded.PRIVATE),
-        ("192.168.1.1", core.Guarded.PRIVATE),
-        ("fd00::1", core.Guarded.PRIVATE),
-        ("0.0.0.0", core.Guarded.UNSPECIFIED),
-        ("224.0.0.1", core.Guarded.MULTICAST),
-        ("100.64.0.1", core.Guarded.RESERVED),  # CGNAT: not global
-        ("not-an-ip", core.Guarded.RESERVED),
-        ("93.184.215.14", None),
-        ("2606:4700::1111", None),
-    ],
-)
-def test_guarded_address(ip: str, cls: core.Guarded | None) -> None:
-    assert core.guarded_address(ip) == cls
-
-
-@pytest.mark.parametrize(
     ("data", "verdict"),
     [
         (b"GET / HTTP/1.1\r\n", True),
