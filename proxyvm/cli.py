@@ -153,6 +153,179 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if res.ok else EXIT_FAIL
 
 
+# -- audit show / replay / learn (reading logs back) --------------------------------------------
+EXIT_CHANGED = 3  # replay: some verdict changes
+_MAX_WARNINGS = 20
+
+
+class _LogInput:
+    """The chains a reading command works on (FILE arguments, else the config's audit log), with
+    bad lines reported as `FILE:LINE: message`: fatal unless `lenient`, then warned and skipped."""
+
+    def __init__(self, command: str, lenient: bool):
+        self.command, self.lenient = command, lenient
+        self.warned = 0
+        self.bad = 0
+
+    def chains(self, files: list[str], config: str | None) -> list[Any] | None:
+        from proxyvm.auditlog_read import chains_of, log_set
+
+        if files:
+            return chains_of(files)
+        from proxyvm.config import load_config
+
+        try:
+            cfg = load_config(config)
+        except Exception as e:  # noqa: BLE001 - located config problems are printed
+            _print_problems(e)
+            return None
+        found = log_set(cfg.audit.path)
+        if not found:
+            print(f"proxyvm {self.command}: no audit log at {cfg.audit.path} (from {cfg.source}); "
+                  "name the files as arguments", file=sys.stderr)
+            return None
+        return found
+
+    def warn(self, e: Exception) -> None:
+        self.bad += 1
+        if self.warned < _MAX_WARNINGS:
+            print(f"proxyvm {self.command}: warning: {e}; skipped", file=sys.stderr)
+        elif self.warned == _MAX_WARNINGS:
+            print(f"proxyvm {self.command}: warning: more bad lines; not shown", file=sys.stderr)
+        self.warned += 1
+
+    def on_error(self, e: Exception) -> None:
+        if not self.lenient:
+            raise e
+        self.warn(e)
+
+    def verify(self, chains: list[Any]) -> bool:
+        """Every chain's hash chain, before anything is learned or replayed from it."""
+        from proxyvm.audit import verify
+
+        for c in chains:
+            res = verify(list(c.files))
+            if res.ok:
+                continue
+            if self.lenient:
+                print(f"proxyvm {self.command}: warning: {res}; the chain is broken, reading it anyway "
+                      "(--no-verify)", file=sys.stderr)
+                continue
+            print(f"proxyvm {self.command}: {res}\n  the audit chain is broken (truncated, edited or not an "
+                  f"audit log): refusing to {self.command} from it; check it with `proxyvm audit verify`, "
+                  "or pass --no-verify to read it anyway", file=sys.stderr)
+            return False
+        return True
+
+
+def _time_bounds(args: argparse.Namespace, command: str) -> tuple[str, str] | None:
+    from proxyvm.auditlog_read import parse_time
+
+    try:
+        since = parse_time(args.since) if args.since else ""
+        until = parse_time(args.until) if args.until else ""
+    except ValueError as e:
+        print(f"proxyvm {command}: {e}", file=sys.stderr)
+        return None
+    return since, until
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from proxyvm.auditlog_read import AuditReadError, RecordFilter, read_chains, table_line
+
+    bounds = _time_bounds(args, "audit show")
+    if bounds is None:
+        return EXIT_USAGE
+    inp = _LogInput("audit show", lenient=True)
+    chains = inp.chains(args.files, args.config)
+    if chains is None:
+        return EXIT_FAIL
+    keep = RecordFilter(
+        frozenset(args.guest or ()), frozenset(args.protocol or ()), frozenset(args.verdict or ()),
+        frozenset(args.rule or ()), frozenset(args.kind or ()), *bounds,
+    )
+    out = sys.stdout.buffer
+    shown = 0
+    try:
+        for e in read_chains(chains, inp.on_error):
+            if not keep(e.rec):
+                continue
+            shown += 1
+            out.write(e.raw + b"\n" if args.json else table_line(e.rec).encode("utf-8", "backslashreplace") + b"\n")
+    except AuditReadError as e:  # pragma: no cover - lenient mode warns instead
+        print(f"proxyvm audit show: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except BrokenPipeError:  # `| head`
+        return EXIT_OK
+    out.flush()
+    return EXIT_FAIL if inp.bad else EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import itertools
+    import json
+
+    from policy import load_policy
+    from proxyvm.auditlog_read import AuditReadError, guest_names_in, read_chains
+    from proxyvm.replay import Replayer
+
+    inp = _LogInput("replay", lenient=args.no_verify)
+    chains = inp.chains(args.files, args.config)
+    if chains is None:
+        return EXIT_FAIL
+    if args.config:
+        from proxyvm.config import load_config
+
+        try:
+            guests = set(load_config(args.config).guests)
+        except Exception as e:  # noqa: BLE001
+            _print_problems(e)
+            return EXIT_FAIL
+    else:
+        guests = guest_names_in(p for c in chains for p in c.files)
+    if not inp.verify(chains):
+        return EXIT_FAIL
+    entries = read_chains(chains, inp.on_error)
+    try:
+        first = next(entries, None)
+    except AuditReadError as e:
+        print(f"proxyvm replay: {e}\n  pass --no-verify to skip such lines", file=sys.stderr)
+        return EXIT_FAIL
+    if first is None:
+        print("proxyvm replay: no audit records in " + ", ".join(str(p) for c in chains for p in c.files),
+              file=sys.stderr)
+        return EXIT_FAIL
+    clock = [0.0]
+    try:
+        engine = load_policy(args.policy, guests, clock=lambda: clock[0])
+    except Exception as e:  # noqa: BLE001 - located policy problems, as `proxyvm check` prints them
+        _print_problems(e)
+        if not args.config:
+            print("proxyvm replay: (guests known from the records: "
+                  f"{', '.join(sorted(guests)) or 'none'}; give -c CONFIG for the config's guests)", file=sys.stderr)
+        return EXIT_FAIL
+    rp = Replayer(engine, args.policy, clock)
+    try:
+        for e in itertools.chain((first,), entries):
+            try:
+                rp.add(e)
+            except AuditReadError as bad:
+                if not inp.lenient:
+                    raise
+                inp.warn(bad)
+    except AuditReadError as e:
+        print(f"proxyvm replay: {e}\n  pass --no-verify to skip such records", file=sys.stderr)
+        return EXIT_FAIL
+    rep = rp.report
+    if inp.bad:
+        rep.skipped["bad_line"] += inp.bad
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=1, sort_keys=False, default=str))
+    else:
+        sys.stdout.write(rep.text())
+    return EXIT_CHANGED if rep.changed else EXIT_OK
+
+
 # -- gateway -------------------------------------------------------------------------------------
 def cmd_gateway(args: argparse.Namespace) -> int:
     """`gateway-rules` (no action: print) and `gateway up|down` (apply/remove)."""
@@ -209,6 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("files", nargs="+", metavar="FILE", help="oldest first when rotated (audit.jsonl.1 audit.jsonl)")
     av.add_argument("--no-head", action="store_true", help="ignore the .head file")
     av.set_defaults(fn=cmd_audit_verify)
+    ash = with_config(ausub.add_parser("show", help="filter and print audit records"))
+    ash.add_argument("--guest", action="append", metavar="G", help="only this guest (repeatable)")
+    ash.add_argument("--protocol", action="append", metavar="P", help="dns, smtp, snmp, http, ws, tls, proxyvm")
+    ash.add_argument("--verdict", action="append", metavar="V", choices=["allow", "deny", "would_deny"])
+    ash.add_argument("--rule", action="append", metavar="R", help="only records decided by rule id R")
+    ash.add_argument("--kind", action="append", metavar="K",
+                     choices=["decision", "alert", "quarantine", "release", "service", "reload"])
+    ash.add_argument("--since", metavar="T", help="ISO time or a duration ago (30m, 1h, 2d)")
+    ash.add_argument("--until", metavar="T", help="ISO time or a duration ago")
+    ash.add_argument("--json", action="store_true", help="print the records as stored")
+    ash.add_argument("files", nargs="*", metavar="FILE", help="default: the config's audit log (all its chains)")
+    ash.set_defaults(fn=cmd_audit_show)
+    rp = with_config(sub.add_parser("replay", help="decide recorded requests again under another policy"))
+    rp.add_argument("--policy", required=True, metavar="NEW.yaml", help="the rules file to replay under")
+    rp.add_argument("--json", action="store_true", help="the report as JSON")
+    rp.add_argument("--no-verify", action="store_true", help="read a log whose hash chain is broken")
+    rp.add_argument("files", nargs="*", metavar="FILE", help="default: the config's audit log (all its chains)")
+    rp.set_defaults(fn=cmd_replay)
     mq = with_config(sub.add_parser("mailq", help="list the SMTP spool"))
     mq.add_argument("--flush", action="store_true", help="retry deferred mail now")
     mq.set_defaults(fn=cmd_mailq)
