@@ -64,7 +64,8 @@ class Guest:
 class Inventory:
     """Source address -> guest name, one dict lookup per request.
 
-    Implements `protocols.base.GuestLookup`. Built once per config load; immutable after."""
+    Implements `protocols.base.GuestLookup`. Built once per config load; a reload swaps a new
+    table in with `replace()`, so every service holding this object sees new guest addresses."""
 
     __slots__ = ("_by_address", "_by_mac", "_count", "guests", "names")
 
@@ -101,6 +102,15 @@ class Inventory:
         self._by_mac = by_mac
         self.guests: Mapping[str, Guest] = table
         self.names: frozenset[str] = frozenset(table)
+
+    def replace(self, other: Inventory) -> None:
+        """Take `other`'s tables (a reload). Lookups see either the old or the new table whole:
+        the address dict is swapped in one assignment."""
+        self._by_mac = other._by_mac
+        self._count = other._count
+        self.guests = other.guests
+        self.names = other.names
+        self._by_address = other._by_address
 
     def lookup(self, address: str) -> str:
         """The guest owning `address` (IPv4/IPv6 text as a socket reports it), or "unknown"."""

@@ -94,6 +94,7 @@ class Worker:
         self.audit = ChannelAudit()
         self.service: Any = None
         self.engine: Any = None  # the policy in force in this process
+        self.inventory = Inventory()  # guest addresses; replaced in place on reload
         self.writer: asyncio.StreamWriter | None = None
         self.stopping = asyncio.Event()
         self._drain_timeout = 10.0  # the supervisor's drain message may change it
@@ -114,13 +115,14 @@ class Worker:
             return 1
         settings = getattr(config, self.name)
         cls = load_service_class(self.name)
+        self.inventory = Inventory(config.guests)
         self.engine = engine
         self.audit.policy = getattr(engine, "digest", "")
         ctx = ServiceContext(
             settings=settings,
             engine=engine,
             audit=self.audit,
-            guests=Inventory(config.guests),
+            guests=self.inventory,
             log=self.log,
             config=config,
             state_dir=config.state_dir,
@@ -210,11 +212,16 @@ class Worker:
                 # Parsed (secrets included) by the supervisor; the policy is compiled here.
                 config = channel.unpack(packed)
                 engine = await asyncio.to_thread(load_policy, config.policy_file, guests=set(config.guests))
+            inventory = Inventory(config.guests)  # validated by the supervisor already
+            previous = Inventory()
+            previous.replace(self.inventory)
+            self.inventory.replace(inventory)
             old_digest, self.audit.policy = self.audit.policy, getattr(engine, "digest", "")
             try:
                 await reload_service(self.service, self.engine, getattr(config, self.name), engine)
             except BaseException:
                 self.audit.policy = old_digest
+                self.inventory.replace(previous)
                 raise
             self.engine = engine
         except Exception as e:  # noqa: BLE001 - old config stays in force; report why

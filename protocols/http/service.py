@@ -266,6 +266,7 @@ class HTTPService:
                 "settings": settings,
                 "policy_file": str(engine.file),
                 "guest_names": frozenset(g for g in engine.guests if g != "unknown"),
+                "guests": self.ctx.guests,  # the worker swapped new guest addresses in already
             })
         if self.master is not None:
             self.master.options.update(

@@ -319,6 +319,9 @@ async def _child(channel_fd: int) -> int:
                 return
             if msg.get("t") == "reload":
                 new = load_policy(msg["policy_file"], guests=msg["guest_names"])
+                replace = getattr(ctx.guests, "replace", None)
+                if replace is not None and msg.get("guests") is not None:
+                    replace(msg["guests"])  # new guest addresses, as in the parent
                 audit.policy = new.digest
                 await reload_service(svc, ctx.engine, msg["settings"], new)
             elif msg.get("t") == "drain":

@@ -253,3 +253,28 @@ def test_healthz_degraded_while_a_service_cannot_start(tmp_path: Path) -> None:
     finally:
         p.stop()
         blocker.close()
+
+
+def _udp_query_from(port: int, name: str, src: str) -> dns.message.Message:
+    q = dns.message.make_query(name, "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.bind((src, 0))
+        s.sendto(q.to_wire(), (ADDR, port))
+        return dns.message.from_wire(s.recv(4096))
+
+
+def test_sighup_swaps_guest_addresses_in_without_a_restart(proxy: ProxyVM) -> None:
+    """A guest added (or re-addressed) in the config is known from the next request on."""
+    pid = proxy.worker_pids()["dns"]
+    assert _udp_query_from(proxy.port, "a.bad.test", "127.0.2.77").rcode() == dns.rcode.REFUSED
+    rec = proxy.wait_audit(lambda r: r.get("request", {}).get("qname") == "a.bad.test")
+    assert rec["guest"] == "unknown"
+    text = proxy.config.read_text()
+    proxy.config.write_text("guests:\n  web7: {addresses: [127.0.2.77]}\n" + text)
+    proxy.reload()
+    proxy.wait_audit(lambda r: r.get("request", {}).get("event") == "reload")
+    assert _udp_query_from(proxy.port, "b.bad.test", "127.0.2.77").rcode() == dns.rcode.REFUSED
+    rec = proxy.wait_audit(lambda r: r.get("request", {}).get("qname") == "b.bad.test")
+    assert rec["guest"] == "web7" and rec["src"].startswith("127.0.2.77:")
+    assert proxy.worker_pids()["dns"] == pid  # same worker: a reload, not a restart
