@@ -112,7 +112,7 @@ def audit_record(
     upstream: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Build an audit record in the field order of DESIGN.md."""
+    """Build an audit record in the field order of docs/audit.md."""
     rec: dict[str, Any] = {"guest": guest, "src": src, "protocol": protocol}
     rec.update(decision.audit_fields())
     rec["request"] = request

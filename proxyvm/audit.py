@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 GENESIS = "0" * 64
-# Keys written first, in this order (DESIGN.md); anything else follows, `prev` is always last.
+# Keys written first, in this order (docs/audit.md); anything else follows, `prev` is always last.
 _ORDER = ("seq", "ts", "guest", "src", "protocol", "verdict", "rule", "at", "reason", "request", "upstream")
 _ORDER_REST = _ORDER[1:]
 
@@ -37,7 +37,7 @@ _dumps = json.JSONEncoder(separators=(", ", ": "), ensure_ascii=False, default=s
 
 
 def _encode(record: dict[str, Any]) -> bytes:
-    """One line: `seq` first, `prev` last, the rest in DESIGN.md order, then any extra keys."""
+    """One line: `seq` first, `prev` last, the rest in docs/audit.md order, then any extra keys."""
     body = {k: record[k] for k in _ORDER_REST if k in record}
     for k, v in record.items():
         if k not in body and k != "seq" and k != "prev":

@@ -1,4 +1,4 @@
-"""`proxyvm` command line (DESIGN.md "CLI contract").
+"""`proxyvm` command line (docs/cli.md).
 
 Owns: argument parsing, exit codes (0 ok/allow, 1 error/deny/broken chain, 2 usage), and turning
 located errors into `FILE:LINE:COL: message` lines. Must not: contain protocol or policy logic.

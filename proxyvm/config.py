@@ -1,6 +1,6 @@
 """The appliance configuration: one YAML file -> one frozen, typed `Config`.
 
-Owns: the top-level schema of DESIGN.md "Configuration file" (`guests`, `policy`, `audit`,
+Owns: the top-level schema of docs/configuration.md (`guests`, `policy`, `audit`,
 `admin`, `gateway`, the protocol sections, plus `user` and `state_dir`), the built-in default
 config, the explicit table of protocol sections and which module parses each, and `load_all`,
 which loads config and policy together so every problem of both is reported in one go.

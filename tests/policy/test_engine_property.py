@@ -1,6 +1,6 @@
 """Property: the compiled, indexed engine decides exactly like a naive first-match evaluator.
 
-The reference below is written from DESIGN.md's words, independently of policy.model/matchers: it
+The reference below is written from the policy reference's words (docs/policy.md), independently of policy.model/matchers: it
 walks the rules in order and compares every pattern by plain string operations. Hypothesis draws
 random rule sets over small alphabets (so patterns and requests collide often) and random requests,
 including wrong case, trailing dots, missing keys, unknown guests and junk values.

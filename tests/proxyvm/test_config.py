@@ -188,7 +188,7 @@ def test_builtin_default_matches_design() -> None:
     assert cfg.admin.listen == ("127.0.0.1", 9700)
     assert cfg.smtp is None and cfg.snmp is None and cfg.gateway is None
     assert dict(cfg.guests) == {}
-    # Whatever this build can run is configured as DESIGN.md says; the rest is named, not hidden.
+    # Whatever this build can run is configured as docs/configuration.md says; the rest is named, not hidden.
     assert set(cfg.unavailable) | set(cfg.services()) == {"dns", "http"}
     if cfg.dns is not None:
         assert cfg.dns.listen == (("127.0.0.1", 10053),)
@@ -596,7 +596,7 @@ def test_misspelt_policy_key_does_not_check_the_default_in_its_place(
     assert loaded == [Path("rules.yaml")]
 
 
-# -- the DESIGN.md example, every section, with secrets ------------------------------------------------
+# -- the full documented example, every section, with secrets ------------------------------------------------
 DESIGN_EXAMPLE = """\
 guests:
   web1:  {addresses: [198.18.0.10]}

@@ -1,4 +1,4 @@
-"""The `snmp:` section: DESIGN.md's example parses; mistakes are located errors; no secret leaks."""
+"""The `snmp:` section: the documented example parses; mistakes are located errors; no secret leaks."""
 
 from __future__ import annotations
 
