@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +65,18 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Called with every record as written (a dict with its `seq`), after it is in the chain:
+        # detectors hook in here. Must not block; an exception is logged and the record stays.
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
 
     # -- audit --------------------------------------------------------------------------------
     def write_audit(self, records: list[dict[str, Any]]) -> None:
+        observers = self.observers
         for rec in records:
-            self.audit.append(rec)
+            written = self.audit.append(rec)
             self.metrics.observe_record(rec)
+            for fn in observers:
+                fn(written)
         self.metrics.audit_records.inc(len(records))
 
     def audit_event(self, event: str, reason: str, kind: str = "service", **extra: Any) -> None:

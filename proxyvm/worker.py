@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from policy import load_policy
@@ -45,9 +44,6 @@ class ChannelAudit:
         self.dropped = 0
         self.wakeup = asyncio.Event()
         self.policy = ""  # digest of the policy in force, stamped on every decision record
-        # Called with every record (a dict, after stamping, before it is queued): detectors hook
-        # in here. Must not raise or block; set by the worker.
-        self.observer: Callable[[dict[str, Any]], None] | None = None
 
     def emit(self, record: dict[str, Any]) -> None:
         if len(self.buf) >= AUDIT_BUFFER_MAX:
@@ -56,8 +52,6 @@ class ChannelAudit:
         if "ts" not in record:
             record = {"ts": now_iso(), **record}
         record = stamp_policy(record, self.policy)
-        if self.observer is not None:
-            self.observer(record)
         self.buf.append(record)
         if len(self.buf) >= AUDIT_BATCH:
             self.wakeup.set()
