@@ -22,6 +22,7 @@ class ReasonCode(StrEnum):
     RULE = "rule"  # a rule matched and decided
     DEFAULT = "default"  # no rule matched; the file's `default:` decided
     RATE_LIMITED = "rate_limited"  # the matching rule's `rate` is exhausted for this guest
+    LEARN = "learn"  # `mode: learn`: allowed and recorded without consulting any rule
 
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})

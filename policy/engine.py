@@ -299,6 +299,15 @@ def _compile_table(policy: Policy, protocol: str, guests: frozenset[str], proble
     else:
         verdict, detail = Verdict.DENY, "no rule matched; default deny"
     table.default_decision = Decision(verdict, ReasonCode.DEFAULT, "default", pol.default_at, detail)
+    if policy.mode is Mode.LEARN:
+        # Learn mode: no rule fits any guest, so every request reaches the "default" path, which
+        # answers the one learn decision. The hot path stays as it is (no mode test per request).
+        table.fast = ()
+        table.guest_masks = dict.fromkeys(table.guest_masks, 0)
+        table.unknown_mask = 0
+        table.default_decision = Decision(
+            Verdict.ALLOW, ReasonCode.LEARN, "learn", pol.mode_at,
+            "learn mode: allowed and recorded without consulting the rules (mode: learn)")
     return table
 
 
@@ -361,6 +370,8 @@ class Engine:
           4. No fitting rule: the file's `default`.
           5. In monitor mode every deny (rule, rate or default) becomes `would_deny`, which lets the
              request through and is audited as a denial.
+          6. In learn mode no rule is consulted: every request is `allow` with rule `learn` (at the
+             `mode:` line), no rate applies, and nothing may leave in plaintext.
         `plaintext` is True only when an allow rule with `plaintext: true` lets the request through;
         `limits` are the allow rule's limits.
         """

@@ -29,6 +29,7 @@ class Action(StrEnum):
 class Mode(StrEnum):
     ENFORCE = "enforce"
     MONITOR = "monitor"  # denials are reported as would_deny and let through
+    LEARN = "learn"  # every request allowed and recorded as rule "learn" (for `proxyvm learn`)
 
 
 class NameKind(StrEnum):
@@ -428,7 +429,12 @@ class Policy:
     default: Action
     default_line: int  # the `default:` line (1 when the key is absent and deny applies)
     rules: tuple[Rule, ...]
+    mode_line: int = 1  # the `mode:` line (learn-mode decisions point at it)
 
     @property
     def default_at(self) -> str:
         return f"{Path(self.file).name}:{self.default_line}"
+
+    @property
+    def mode_at(self) -> str:
+        return f"{Path(self.file).name}:{self.mode_line}"

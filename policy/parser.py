@@ -127,9 +127,10 @@ def _parse_policy(path: str | os.PathLike[str], guests: Iterable[str]) -> Policy
 
     if "version" in top:
         problems.attempt(lambda: top["version"].int(min=1, max=1, what="version"), 1)
-    mode = Mode.ENFORCE
+    mode, mode_line = Mode.ENFORCE, 1
     if "mode" in top:
         mode = Mode(problems.attempt(lambda: top["mode"].enum([m.value for m in Mode], "mode"), "enforce"))
+        mode_line = top["mode"].line
     default, default_line = Action.DENY, 1
     if "default" in top:
         default = Action(problems.attempt(lambda: top["default"].enum([a.value for a in Action], "default"),
@@ -145,7 +146,7 @@ def _parse_policy(path: str | os.PathLike[str], guests: Iterable[str]) -> Policy
             if rule is not None:
                 rules.append(rule)
     problems.raise_if_any()
-    return Policy(root.file, mode, default, default_line, tuple(rules))
+    return Policy(root.file, mode, default, default_line, tuple(rules), mode_line)
 
 
 def _checked_map(

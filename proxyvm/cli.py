@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         enabled.append(name)
     prepare_dirs(config)
     sup = Supervisor(os.path.abspath(args.config) if args.config else None, config, enabled, unavailable,
-                     policy_digest=getattr(engine, "digest", ""))
+                     policy_digest=getattr(engine, "digest", ""), policy_mode=str(getattr(engine, "mode", "enforce")))
     return asyncio.run(sup.run())
 
 
@@ -326,6 +326,75 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_CHANGED if rep.changed else EXIT_OK
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from proxyvm.auditlog_read import AuditReadError, read_chains
+    from proxyvm.learn import Learner
+
+    bounds = _time_bounds(args, "learn")
+    if bounds is None:
+        return EXIT_USAGE
+    if args.threshold < 2:
+        print("proxyvm learn: --threshold must be at least 2", file=sys.stderr)
+        return EXIT_USAGE
+    inp = _LogInput("learn", lenient=args.no_verify)
+    chains = inp.chains(args.files, args.config)
+    if chains is None:
+        return EXIT_FAIL
+    known: set[str] | None = None
+    if args.config:
+        from proxyvm.config import load_config
+
+        try:
+            known = set(load_config(args.config).guests)
+        except Exception as e:  # noqa: BLE001
+            _print_problems(e)
+            return EXIT_FAIL
+    if not inp.verify(chains):
+        return EXIT_FAIL
+    learner = Learner(args.threshold, args.guest, *bounds)
+    records = 0
+    try:
+        for e in read_chains(chains, inp.on_error):
+            records += 1
+            try:
+                learner.add(e)
+            except AuditReadError as bad:
+                if not inp.lenient:
+                    raise
+                inp.warn(bad)
+    except AuditReadError as e:
+        print(f"proxyvm learn: {e}\n  pass --no-verify to skip such records", file=sys.stderr)
+        return EXIT_FAIL
+    files = [str(p) for c in chains for p in c.files]
+    if records == 0:
+        print("proxyvm learn: no audit records in " + ", ".join(files), file=sys.stderr)
+        return EXIT_FAIL
+    if known is not None:
+        for guest, n in learner.drop_guests(known):
+            print(f"proxyvm learn: warning: guest {guest!r} is not in {args.config}: its {n} requests are "
+                  "left out", file=sys.stderr)
+    if not learner.groups:
+        why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(learner.not_learned.items())) or "none"
+        print(f"proxyvm learn: nothing to learn: no allowed decision in {records} records (not learned: {why})",
+              file=sys.stderr)
+        return EXIT_FAIL
+    text = learner.render(files, args.mode)
+    if args.output and args.output != "-":
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, out)
+        except OSError as e:
+            print(f"proxyvm learn: cannot write {out}: {e.strerror}", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"proxyvm learn: {len(learner.rules())} rules from {learner.learned} allowed requests "
+              f"written to {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 # -- gateway -------------------------------------------------------------------------------------
 def cmd_gateway(args: argparse.Namespace) -> int:
     """`gateway-rules` (no action: print) and `gateway up|down` (apply/remove)."""
@@ -388,12 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     ash.add_argument("--verdict", action="append", metavar="V", choices=["allow", "deny", "would_deny"])
     ash.add_argument("--rule", action="append", metavar="R", help="only records decided by rule id R")
     ash.add_argument("--kind", action="append", metavar="K",
-                     choices=["decision", "alert", "quarantine", "release", "service", "reload"])
+                     help="decision, alert, quarantine, release, service, reload, delivery (repeatable)")
     ash.add_argument("--since", metavar="T", help="ISO time or a duration ago (30m, 1h, 2d)")
     ash.add_argument("--until", metavar="T", help="ISO time or a duration ago")
     ash.add_argument("--json", action="store_true", help="print the records as stored")
     ash.add_argument("files", nargs="*", metavar="FILE", help="default: the config's audit log (all its chains)")
     ash.set_defaults(fn=cmd_audit_show)
+    le = with_config(sub.add_parser("learn", help="a least-privilege rules file from allowed traffic"))
+    le.add_argument("--guest", action="append", metavar="G", help="only this guest (repeatable)")
+    le.add_argument("--since", metavar="T", help="ISO time or a duration ago (30m, 1h, 2d)")
+    le.add_argument("--until", metavar="T", help="ISO time or a duration ago")
+    le.add_argument("-o", "--output", metavar="rules.yaml", help="write here (default: standard output)")
+    le.add_argument("--no-verify", action="store_true", help="read a log whose hash chain is broken")
+    le.add_argument("--mode", choices=["monitor", "enforce"], default="monitor",
+                    help="the learned file's mode (default monitor: review, then enforce)")
+    le.add_argument("--threshold", type=int, default=3, metavar="N",
+                    help="distinct names/paths/OIDs under one parent before it becomes a wildcard (default 3)")
+    le.add_argument("files", nargs="*", metavar="FILE", help="default: the config's audit log (all its chains)")
+    le.set_defaults(fn=cmd_learn)
     rp = with_config(sub.add_parser("replay", help="decide recorded requests again under another policy"))
     rp.add_argument("--policy", required=True, metavar="NEW.yaml", help="the rules file to replay under")
     rp.add_argument("--json", action="store_true", help="the report as JSON")

@@ -33,6 +33,9 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker up this long has its backoff reset
 READY_TIMEOUT = 60.0
+LEARN_WARNING_EVERY = 3600.0  # `mode: learn` lets everything through: say so in the log every hour
+LEARN_WARNING = ("policy mode is learn: every request is allowed and recorded, nothing is enforced; "
+                 "run `proxyvm learn`, review, then switch to mode: monitor or enforce")
 
 
 @dataclass
@@ -53,9 +56,11 @@ class ServiceState:
 
 class Supervisor:
     def __init__(self, config_path: str | None, config: Any, services: list[str], unavailable: dict[str, str],
-                 policy_digest: str = ""):
+                 policy_digest: str = "", policy_mode: str = "enforce"):
         self.config_path = config_path
         self.config = config
+        self.policy_mode = policy_mode  # of the policy the workers run (updated by a successful reload)
+        self.learn_warning_every = LEARN_WARNING_EVERY
         self.policy_digest = policy_digest  # "sha256:..." of the policy the workers run
         self.services = {name: ServiceState(name) for name in services}
         self.unavailable = unavailable
@@ -103,7 +108,9 @@ class Supervisor:
 
     # -- health -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
-        body: dict[str, Any] = {"status": "ok", "services": {}}
+        body: dict[str, Any] = {"status": "ok", "policy_mode": self.policy_mode, "services": {}}
+        if self.policy_mode == "learn":
+            body["warnings"] = [LEARN_WARNING]
         ok = True
         for s in self.services.values():
             svc_ok = s.state == "ready" and s.health.get("state", "ok") == "ok"
@@ -227,6 +234,10 @@ class Supervisor:
         old_digest = self.policy_digest
         if ok:
             self.policy_digest = engine.digest
+            new_mode = str(getattr(engine, "mode", "enforce"))
+            if new_mode != self.policy_mode:
+                log.warning("policy mode is now %s (was %s)", new_mode, self.policy_mode)
+                self.policy_mode = new_mode
         self.metrics.reloads.labels("ok" if ok else "partial").inc()
         self.audit_event(
             "reload", "policy and config reloaded" if ok else "reload failed in some services",
@@ -281,6 +292,7 @@ class Supervisor:
             log.warning("no service is enabled and available; serving only the admin endpoint")
         log.info("proxyvm ready")
         flush = asyncio.create_task(self._flush_loop())
+        learn_warning = asyncio.create_task(self._learn_warning_loop())
         while not self.stopping.is_set():
             hup = asyncio.create_task(hup_pending.wait())
             stop = asyncio.create_task(self.stopping.wait())
@@ -297,12 +309,20 @@ class Supervisor:
         log.info("draining")
         await self.drain()
         flush.cancel()
+        learn_warning.cancel()
         self.audit_event("stop", "proxyvm stopped (SIGTERM)")
         self.audit.close()
         if self.admin:
             await self.admin.close()
         log.info("stopped")
         return 0
+
+    async def _learn_warning_loop(self) -> None:
+        """While the policy is in learn mode: a warning at start and every `learn_warning_every`."""
+        while True:
+            if self.policy_mode == "learn":
+                log.warning(LEARN_WARNING)
+            await asyncio.sleep(self.learn_warning_every)
 
     async def _flush_loop(self) -> None:
         while True:
