@@ -8,54 +8,88 @@ from __future__ import annotations
 
 import asyncio
 import json
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from protocols.addr import hostport
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _RecordMetrics(Collector):
+    """Decisions and request latency, counted from audit records into plain dicts (a dict update
+    per record: the audit writer's hot path) and rendered as Prometheus families on scrape."""
+
+    def __init__(self) -> None:
+        self.decisions: dict[tuple[bytes, bytes, bytes, bytes], int] = {}
+        self.latency: dict[bytes, list[float]] = {}  # protocol -> bucket counts..., +Inf count, sum
+
+    def collect(self) -> Any:
+        fam = CounterMetricFamily("proxyvm_decisions", "Policy decisions",
+                                  labels=["protocol", "guest", "verdict", "rule"])
+        for key, n in sorted(self.decisions.items()):
+            fam.add_metric([x.decode(errors="replace") for x in key], n)
+        yield fam
+        hist = HistogramMetricFamily("proxyvm_request_seconds",
+                                     "Request latency as reported by each service (duration_ms in the audit record)",
+                                     labels=["protocol"])
+        for protocol, counts in sorted(self.latency.items()):
+            cumulative, acc = [], 0.0
+            for bound, c in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=False):
+                acc += c
+                cumulative.append((floatToGoString(bound), acc))
+            hist.add_metric([protocol.decode(errors="replace")], cumulative, sum_value=counts[-1])
+        yield hist
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.decisions = Counter(
-            "proxyvm_decisions", "Policy decisions", ["protocol", "guest", "verdict", "rule"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "proxyvm_request_seconds",
-            "Request latency as reported by each service (duration_ms in the audit record)",
-            ["protocol"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=self.registry,
-        )
+        self._records = _RecordMetrics()
+        self.registry.register(self._records)
         self.restarts = Counter("proxyvm_service_restarts", "Service restarts after a crash", ["service"], registry=self.registry)
         self.up = Gauge("proxyvm_service_up", "1 when the service is running and ready", ["service"], registry=self.registry)
         self.audit_records = Counter("proxyvm_audit_records", "Audit records written", registry=self.registry)
+        self.audit_malformed = Counter("proxyvm_audit_malformed_records", "Records from a worker that were not "
+                                       "audit records (not written; logged)", registry=self.registry)
         self.reloads = Counter("proxyvm_reloads", "Policy/config reloads", ["result"], registry=self.registry)
-        self._decision_children: dict[tuple[Any, ...], Any] = {}
-        self._latency_children: dict[Any, Any] = {}
+
+    def observe_summary(self, kind: bytes, protocol: bytes, guest: bytes, verdict: bytes, rule: bytes,
+                        duration: bytes) -> None:
+        """Count one audit record from the fields a worker put before its JSON (once per request)."""
+        if verdict and not kind:
+            d = self._records.decisions
+            key = (protocol, guest, verdict, rule)
+            d[key] = d.get(key, 0) + 1
+        if duration:
+            try:
+                seconds = float(duration) / 1000.0
+            except ValueError:
+                return
+            counts = self._records.latency.get(protocol)
+            if counts is None:
+                counts = self._records.latency[protocol] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+            counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            counts[-1] += seconds
 
     def observe_record(self, rec: dict[str, Any]) -> None:
-        """Count one audit record (runs once per request: label children are cached)."""
-        verdict = rec.get("verdict")
-        protocol = rec.get("protocol", "")
-        if verdict and "kind" not in rec:  # decisions only (delivery outcomes carry a kind)
-            key = (protocol, rec.get("guest", ""), verdict, rec.get("rule", ""))
-            child = self._decision_children.get(key)
-            if child is None:
-                child = self._decision_children[key] = self.decisions.labels(*map(str, key))
-            child.inc()
-        d = rec.get("duration_ms")
-        if isinstance(d, (int, float)):
-            hist = self._latency_children.get(protocol)
-            if hist is None:
-                hist = self._latency_children[protocol] = self.latency.labels(str(protocol))
-            hist.observe(d / 1000.0)
+        """observe_summary for a record given as a dict (the supervisor's own records, tests)."""
+        def b(key: str) -> bytes:
+            v = rec.get(key)
+            return b"" if v is None else str(v).encode()
+
+        self.observe_summary(b("kind"), b("protocol"), b("guest"), b("verdict"), b("rule"), b("duration_ms"))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
 
 
 class AdminServer:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from proxyvm import channel
 from proxyvm.admin import AdminServer, Metrics
 from proxyvm.audit import AuditLog
@@ -81,8 +83,40 @@ class Supervisor:
             written = self.audit.append(rec)
             self.metrics.observe_record(rec)
             for fn in observers:
-                fn(written)
+                try:
+                    fn(written)
+                except Exception:  # noqa: BLE001 - a broken detector must not stop the writer
+                    log.exception("audit observer failed")
         self.metrics.audit_records.inc(len(records))
+
+    def write_encoded(self, payload: bytes) -> None:
+        """Records a worker encoded (an audit frame): chain, count and observe them, decoding a
+        record only when an observer (a detector) wants it."""
+        append = self.audit.append_encoded
+        observe = self.metrics.observe_summary
+        observers = self.observers
+        n = 0
+        for line in payload.split(b"\n"):
+            if not line:
+                continue
+            try:
+                kind, protocol, guest, verdict, rule, duration, body = line.split(b"\t", 6)
+                seq = append(body)
+            except ValueError:
+                log.error("audit: a malformed record from a worker was not written: %r", line[:200])
+                self.metrics.audit_malformed.inc()
+                continue
+            n += 1
+            observe(kind, protocol, guest, verdict, rule, duration)
+            if observers:
+                rec = orjson.loads(body)
+                rec["seq"] = seq
+                for fn in observers:
+                    try:
+                        fn(rec)
+                    except Exception:  # noqa: BLE001 - a broken detector must not stop the writer
+                        log.exception("audit observer failed")
+        self.metrics.audit_records.inc(n)
 
     def audit_event(self, event: str, reason: str, kind: str = "service", **extra: Any) -> None:
         """The supervisor's own records (start, crash, reload): protocol "proxyvm", with a `kind`
@@ -153,11 +187,14 @@ class Supervisor:
         assert proc is not None
         try:
             while True:
-                msg = await channel.read_message(reader)
+                msg = await channel.read_any(reader)
                 if msg is None:
                     break
+                if isinstance(msg, bytes):
+                    self.write_encoded(msg)
+                    continue
                 t = msg.get("t")
-                if t == "audit":
+                if t == "audit":  # records as dicts (older workers, tests)
                     self.write_audit(msg.get("r", []))
                 elif t == "ready":
                     s.state = "ready"
