@@ -59,6 +59,9 @@ class ServiceContext:
     clock: Callable[[], float] = time.time
     observe: Callable[[str, str, str, str, float], None] | None = None
     """Optional latency hook: observe(protocol, guest, verdict, rule, seconds)."""
+    quarantine: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Quarantined guests -> their entry (protocols.quarantine); replaced in place by the worker when
+    the supervisor pushes a new table. Services look the guest up once per request."""
 
 
 async def reload_service(service: Service, old_engine: Any, settings: Any, engine: Any) -> None:

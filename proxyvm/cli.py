@@ -395,6 +395,61 @@ def cmd_learn(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- quarantine / release (the running instance, through its control socket) --------------------------
+def _control(args: argparse.Namespace, command: str, req: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    from proxyvm.config import load_config
+    from proxyvm.quarantine import QuarantineError, control_request
+
+    try:
+        cfg = load_config(args.config)
+    except Exception as e:  # noqa: BLE001 - located config problems are printed
+        _print_problems(e)
+        return EXIT_FAIL, None
+    try:
+        resp = control_request(cfg.state_dir, req)
+    except QuarantineError as e:
+        print(f"proxyvm {command}: {e}", file=sys.stderr)
+        return e.exit_code, None
+    if not resp.get("ok"):
+        print(f"proxyvm {command}: {resp.get('error', 'refused')}", file=sys.stderr)
+        code = resp.get("exit")
+        return code if code in (EXIT_FAIL, EXIT_USAGE) else EXIT_FAIL, None
+    return EXIT_OK, resp
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    if args.list:
+        if args.guest or args.profile or args.reason:
+            print("proxyvm quarantine: --list takes no GUEST, --profile or --reason", file=sys.stderr)
+            return EXIT_USAGE
+        code, resp = _control(args, "quarantine", {"op": "list"})
+        if resp is not None:
+            guests = resp.get("guests") or {}
+            if not guests:
+                print("no guest is quarantined")
+            for g, e in sorted(guests.items()):
+                print(f"{g}\t{e.get('profile')}\tsince {e.get('since')}\tby {e.get('by')}"
+                      f"{' (' + e['user'] + ')' if e.get('user') else ''}\t{e.get('reason') or '-'}")
+        return code
+    if not args.guest:
+        print("proxyvm quarantine: name a GUEST (or --list)", file=sys.stderr)
+        return EXIT_USAGE
+    req = {"op": "quarantine", "guest": args.guest, "profile": args.profile or "block", "reason": args.reason or ""}
+    code, resp = _control(args, "quarantine", req)
+    if resp is not None:
+        e = resp["entry"]
+        print(f"guest {args.guest} quarantined ({e['profile']}) since {e['since']}: effective on its next request")
+    return code
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    code, resp = _control(args, "release", {"op": "release", "guest": args.guest, "reason": args.reason or ""})
+    if resp is not None:
+        e = resp["entry"]
+        print(f"guest {args.guest} released (was {e.get('profile')} since {e.get('since')})")
+    return code
+
+
 # -- gateway -------------------------------------------------------------------------------------
 def cmd_gateway(args: argparse.Namespace) -> int:
     """`gateway-rules` (no action: print) and `gateway up|down` (apply/remove)."""
@@ -481,6 +536,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-verify", action="store_true", help="read a log whose hash chain is broken")
     rp.add_argument("files", nargs="*", metavar="FILE", help="default: the config's audit log (all its chains)")
     rp.set_defaults(fn=cmd_replay)
+    qu = with_config(sub.add_parser("quarantine", help="quarantine a guest of the running instance"))
+    qu.add_argument("guest", nargs="?", metavar="GUEST")
+    qu.add_argument("--profile", choices=["block", "honeypot"], help="block (default): refuse everything; "
+                    "honeypot: answer from a sinkhole and record everything")
+    qu.add_argument("--reason", metavar="TEXT", help="why (goes into the audit record)")
+    qu.add_argument("--list", action="store_true", help="list quarantined guests")
+    qu.set_defaults(fn=cmd_quarantine)
+    rl = with_config(sub.add_parser("release", help="release a quarantined guest"))
+    rl.add_argument("guest", metavar="GUEST")
+    rl.add_argument("--reason", metavar="TEXT", help="why (goes into the audit record)")
+    rl.set_defaults(fn=cmd_release)
     mq = with_config(sub.add_parser("mailq", help="list the SMTP spool"))
     mq.add_argument("--flush", action="store_true", help="retry deferred mail now")
     mq.set_defaults(fn=cmd_mailq)

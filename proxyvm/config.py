@@ -1,7 +1,8 @@
 """The appliance configuration: one YAML file -> one frozen, typed `Config`.
 
 Owns: the top-level schema of docs/configuration.md (`guests`, `policy`, `audit`,
-`admin`, `gateway`, the protocol sections, plus `user` and `state_dir`), the built-in default
+`admin`, `gateway`, the protocol sections, plus `user`, `state_dir`, `detect` and `quarantine`,
+whose parsers live in proxyvm.detect and proxyvm.quarantine), the built-in default
 config, the explicit table of protocol sections and which module parses each, and `load_all`,
 which loads config and policy together so every problem of both is reported in one go.
 Must not: parse a protocol's own section (each `protocols/<name>/settings.py` owns its schema),
@@ -64,7 +65,9 @@ SECTIONS: Mapping[str, str] = MappingProxyType(
 """Protocol section -> the module whose `parse(node: Node, base: Path) -> Settings` reads it.
 Registered explicitly: a section whose module is missing is reported, never silently skipped."""
 
-TOP_LEVEL_KEYS = frozenset({"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", *SECTIONS})
+TOP_LEVEL_KEYS = frozenset(
+    {"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", "detect", "quarantine", *SECTIONS}
+)
 
 DEFAULT_ROTATE_SIZE = 100 * 1000**2  # 100MB, as the size parser reads "100MB"
 DEFAULT_KEEP = 10
@@ -116,6 +119,8 @@ class Config:
     http: Any = None
     unavailable: tuple[str, ...] = ()  # built-in default only: sections this build cannot run yet
     builtin: bool = False  # True when this is the built-in default (no -c)
+    detect: Any = None  # proxyvm.detect.DetectSettings (None: no `detect:` section, every detector off)
+    quarantine: Any = None  # proxyvm.quarantine.QuarantineSettings (None: the defaults)
 
     @property
     def policy_file(self) -> Path:
@@ -523,6 +528,16 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
         problems.run(lambda: _parse_state_dir(top["state_dir"]), None) if "state_dir" in top else None
     ) or default_state_dir(privileged)
 
+    response: dict[str, Any] = {}
+    if "detect" in top:
+        from proxyvm.detect import parse_detect
+
+        response["detect"] = problems.run(lambda: parse_detect(top["detect"]), None)
+    if "quarantine" in top:
+        from proxyvm.quarantine import parse_quarantine
+
+        response["quarantine"] = problems.run(lambda: parse_quarantine(top["quarantine"]), None)
+
     sections: dict[str, Any] = {}
     unavailable: list[str] = []
     for name in SECTIONS:
@@ -553,6 +568,7 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
         state_dir=state_dir,
         unavailable=tuple(unavailable),
         builtin=builtin,
+        **response,
         **sections,
     )
     return out

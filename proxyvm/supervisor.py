@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from proxyvm import channel
+from proxyvm import channel, quarantine
 from proxyvm.admin import AdminServer, Metrics
 from proxyvm.audit import AuditLog
 from proxyvm.config import load_all
@@ -75,6 +75,7 @@ class Supervisor:
         # Called with every record as written (a dict with its `seq`), after it is in the chain:
         # detectors hook in here. Must not block; an exception is logged and the record stays.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
+        self.quarantine: quarantine.Quarantine | None = None  # table + control socket, set in run()
 
     # -- audit --------------------------------------------------------------------------------
     def write_audit(self, records: list[dict[str, Any]]) -> None:
@@ -203,6 +204,8 @@ class Supervisor:
                     self.metrics.up.labels(s.name).set(1)
                     for item in s.listening:
                         log.info("%s listening on %s", s.name, item)
+                    if self.quarantine is not None:  # every (re)started worker gets the table
+                        self.quarantine.send_to(s)
                     s.ready.set()
                 elif t == "health":
                     s.health = dict(msg.get("h", {}))
@@ -314,6 +317,7 @@ class Supervisor:
             host, port = self.config.admin.listen
             self.admin = AdminServer(host, port, self.metrics, self.health)
             log.info("admin listening on %s (/healthz, /metrics)", await self.admin.start())
+        self.quarantine = await quarantine.attach(self)  # quarantine table, control socket, detectors
         for name, why in self.unavailable.items():
             log.warning("%s: not available yet — %s", name, why)
         self.audit_event("start", f"proxyvm started with {self.config.source}", services=list(self.services),
@@ -348,6 +352,8 @@ class Supervisor:
         flush.cancel()
         learn_warning.cancel()
         self.audit_event("stop", "proxyvm stopped (SIGTERM)")
+        if self.quarantine is not None:
+            await self.quarantine.close()
         self.audit.close()
         if self.admin:
             await self.admin.close()

@@ -27,6 +27,7 @@ import orjson
 
 from policy import load_policy
 from protocols.base import reload_service, stamp_policy
+from protocols.quarantine import apply_table
 from proxyvm import channel
 from proxyvm.audit import MilliClock
 from proxyvm.config import load_all
@@ -172,6 +173,7 @@ class Worker:
             state_dir=config.state_dir,
         )
         self.service = cls(ctx)
+        self.ctx = ctx
         try:
             listening = await self.service.start()
         except Exception as e:
@@ -238,6 +240,8 @@ class Worker:
             t = msg.get("t")
             if t == "reload":
                 await self._reload(msg.get("config"))
+            elif t == "quarantine":  # the whole table after each change (proxyvm.quarantine)
+                apply_table(self.ctx, self.service, msg.get("table"))
             elif t == "drain":
                 self._drain_timeout = float(msg.get("timeout", 10.0))
                 self.stopping.set()

@@ -23,6 +23,7 @@ import dns.rcode
 import dns.rdatatype
 
 from policy.decision import Decision, ReasonCode, Verdict
+from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext
 from protocols.dns import wire
@@ -295,6 +296,7 @@ class DNSService:
         self.stats: defaultdict[str, int] = defaultdict(int)
         self.clock = time.monotonic
         self.listening: list[str] = []
+        self.recorder = quarantine.Recorder(ctx.state_dir)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -480,6 +482,10 @@ class DNSService:
             st["flood_dropped"] += 1
             send(wire.truncated(data, q, self.settings.edns_udp_size) if st["flood_dropped"] % 2 == 0 else None)
             return
+        qt = self.ctx.quarantine
+        if qt and guest in qt:  # a quarantined guest: nothing below applies (docs/cli.md#quarantine)
+            self._quarantined(data, q, qt[guest], guest, src, t0, send)
+            return
         fw = self.fw
         assert fw is not None
         entry = fw.cache.get(q.key, t0)
@@ -535,6 +541,38 @@ class DNSService:
     ) -> None:
         send(wire.error_response(data, q, wire.REFUSED, ede, text, self.settings.edns_udp_size))
         self._audit(d, guest, src, qname, qtype, t0, rcode=wire.REFUSED, ede=ede)
+
+    def _quarantined(self, data: bytes, q: wire.Query, qe: dict[str, Any], guest: str, src: tuple[Any, ...],
+                     t0: float, send: Send) -> None:
+        """block: REFUSED with EDE 15 (Blocked) naming the quarantine. honeypot: the sinkhole
+        addresses for A/AAAA (an empty NOERROR answer for other types), TTL 60, and the query
+        recorded in full."""
+        qname, qtype = wire.qname_text(q.qname), qtype_text(q.qtype)
+        self.stats["quarantined"] += 1
+        if qe.get("profile") != "honeypot":
+            d = quarantine.decision("dns", guest, qe)
+            self._refuse(data, q, d, guest, src, qname, qtype, t0, send, wire.EDE_BLOCKED,
+                         quarantine.refusal_text(guest, qe))
+            return
+        sink = qe.get("sinkhole") or {}
+        family, addrs = (socket.AF_INET, sink.get("a") or []) if q.qtype == 1 else \
+            (socket.AF_INET6, sink.get("aaaa") or []) if q.qtype == 28 else (0, [])
+        rrs = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", q.qtype, 1, 60, 4 if family == socket.AF_INET else 16)
+                       + socket.inet_pton(family, a) for a in addrs)
+        head = data[:2] + struct.pack("!BBHHHH", wire.QR | (q.b2 & wire.RD), wire.RA | (q.b3 & wire.CD),
+                                      1, len(addrs), 0, 1 if q.edns else 0)
+        out = head + data[12 : q.qend] + rrs
+        if q.edns:
+            out += wire.opt_rr(self.settings.edns_udp_size, q.do)
+        send(out)
+        answer = f"honeypot answer {', '.join(addrs)}" if addrs else "honeypot answer: no data"
+        self.recorder.record(guest, qe, "dns", {
+            "src": hostport(src[0], src[1]), "qname": qname, "qtype": qtype, "qclass": q.qclass,
+            "rd": bool(q.b2 & wire.RD), "cd": bool(q.b3 & wire.CD), "do": bool(q.do), "edns": bool(q.edns),
+            "query": data, "answer": addrs,
+        })
+        self._audit(quarantine.decision("dns", guest, qe, answer), guest, src, qname, qtype, t0,
+                    rcode=wire.NOERROR, quarantine="honeypot", answer=addrs)
 
     def _any(
         self, data: bytes, q: wire.Query, d: Decision, guest: str, src: tuple[Any, ...], qname: str, qtype: str,
