@@ -100,6 +100,7 @@ class AuditLog:
         self._f = open(self.path, "ab", buffering=1024 * 1024)  # noqa: SIM115 - lives with the object
         self._size = self._f.tell()
         self.written = 0
+        self.last_line = b""  # the exact bytes of the newest line (without its newline)
 
     def _resume(self) -> tuple[int, str]:
         for candidate in (self.path, self.path.with_name(self.path.name + ".1")):
@@ -135,6 +136,7 @@ class AuditLog:
         self.prev = line_hash(line)
         self._prev_b = self.prev.encode()
         self.written += 1
+        self.last_line = line
         return rec
 
     def append_encoded(self, body: bytes) -> int:
@@ -151,6 +153,7 @@ class AuditLog:
         self._prev_b = hashlib.sha256(line).hexdigest().encode()
         self.prev = self._prev_b.decode()
         self.written += 1
+        self.last_line = line
         return self.seq
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:

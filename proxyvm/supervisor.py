@@ -75,6 +75,9 @@ class Supervisor:
         # Called with every record as written (a dict with its `seq`), after it is in the chain:
         # detectors hook in here. Must not block; an exception is logged and the record stays.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
+        # Called with (seq, the exact line bytes) of every record as written: audit shipping hooks
+        # in here (the stream must carry the chain's own bytes). Must not block.
+        self.line_observers: list[Callable[[int, bytes], None]] = []
         self.quarantine: quarantine.Quarantine | None = None  # table + control socket, set in run()
 
     # -- audit --------------------------------------------------------------------------------
@@ -83,6 +86,8 @@ class Supervisor:
         for rec in records:
             written = self.audit.append(rec)
             self.metrics.observe_record(rec)
+            for lfn in self.line_observers:
+                lfn(written["seq"], self.audit.last_line)
             for fn in observers:
                 try:
                     fn(written)
@@ -96,6 +101,7 @@ class Supervisor:
         append = self.audit.append_encoded
         observe = self.metrics.observe_summary
         observers = self.observers
+        line_observers = self.line_observers
         n = 0
         for line in payload.split(b"\n"):
             if not line:
@@ -109,6 +115,8 @@ class Supervisor:
                 continue
             n += 1
             observe(kind, protocol, guest, verdict, rule, duration)
+            for lfn in line_observers:
+                lfn(seq, self.audit.last_line)
             if observers:
                 rec = orjson.loads(body)
                 rec["seq"] = seq
