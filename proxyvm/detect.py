@@ -725,14 +725,39 @@ def unknown_keys_hint(name: str) -> str:
     return suggest(name, DETECTORS) or "detectors: " + ", ".join(DETECTORS)
 
 
-def attach(sup: Any, quarantine: Any) -> Detectors | None:
-    """Register the detectors of `sup.config.detect` as an audit observer of the supervisor."""
-    settings = getattr(sup.config, "detect", None)
+_COUNTERS: dict[int, Any] = {}  # one counter per metrics registry (a reload re-attaches)
+
+
+def _counter(sup: Any) -> Any:
+    registry = sup.metrics.registry
+    c = _COUNTERS.get(id(registry))
+    if c is None:
+        from prometheus_client import Counter
+
+        c = _COUNTERS[id(registry)] = Counter("proxyvm_alerts", "Detector alerts", ["guest", "detector"],
+                                              registry=registry)
+    return c
+
+
+def reattach(sup: Any, quarantine: Any, config: Any) -> None:
+    """After a reload: keep the running detectors when `detect:` is unchanged, else start anew."""
+    old = getattr(quarantine, "detectors", None)
+    new = getattr(config, "detect", None)
+    if (old.settings if old is not None else None) == new:
+        return
+    if old is not None and old in sup.observers:
+        sup.observers.remove(old)
+    quarantine.detectors = None
+    attach(sup, quarantine, new)
+
+
+def attach(sup: Any, quarantine: Any, settings: DetectSettings | None = None) -> Detectors | None:
+    """Register the detectors of `sup.config.detect` (or `settings`) as an audit observer."""
+    if settings is None:
+        settings = getattr(sup.config, "detect", None)
     if settings is None or not settings.detectors:
         return None
-    from prometheus_client import Counter
-
-    counter = Counter("proxyvm_alerts", "Detector alerts", ["guest", "detector"], registry=sup.metrics.registry)
+    counter = _counter(sup)
 
     def emit(a: Alert, s: DetectorSettings) -> None:
         counter.labels(a.guest, a.detector).inc()

@@ -142,6 +142,7 @@ class Quarantine:
         self.table: dict[str, dict[str, Any]] = load_state(self.path)
         self.server: asyncio.AbstractServer | None = None
         self.on_change: list[Callable[[], None]] = []
+        self.detectors: Any = None  # proxyvm.detect.Detectors when `detect:` turns any on
         self._gauge: Any = None
         registry = getattr(getattr(sup, "metrics", None), "registry", None)
         if registry is not None:
@@ -237,6 +238,28 @@ class Quarantine:
         log.warning("quarantine: guest %s released by %s", guest, by)
         self._changed()
         return old
+
+    def reloaded(self, rec: dict[str, Any]) -> None:
+        """Observer: after a successful SIGHUP (its `kind: reload` record), take the new
+        `quarantine:` and `detect:` sections (detectors whose settings changed start afresh)."""
+        if rec.get("kind") != "reload" or (rec.get("request") or {}).get("event") != "reload":
+            return
+        if not all((rec.get("services") or {}).values()):
+            return
+        from proxyvm import detect
+        from proxyvm.config import load_config
+
+        try:
+            cfg = load_config(self.sup.config_path)
+        except Exception as e:  # noqa: BLE001 - it was valid a moment ago; keep what runs
+            log.error("quarantine: could not re-read the config after reload: %s", e)
+            return
+        settings = cfg.quarantine or QuarantineSettings()
+        if settings != self.settings:
+            self.settings = settings
+            self.push()
+            log.info("quarantine: new settings in force (sinkhole %s %s)", settings.sinkhole_a, settings.sinkhole_aaaa)
+        detect.reattach(self.sup, self, cfg)
 
     def _changed(self) -> None:
         self._update_gauge()
@@ -416,4 +439,5 @@ async def attach(sup: Any) -> Quarantine:
     from proxyvm import detect
 
     detect.attach(sup, q)
+    sup.observers.append(q.reloaded)
     return q
