@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from policy import load_policy
-from protocols.base import reload_service, stamp_policy
+from protocols.base import reload_service
 from protocols.quarantine import apply_table
 from proxyvm import channel
 from proxyvm.audit import MilliClock
@@ -82,9 +82,14 @@ class ChannelAudit:
         if len(self.buf) >= AUDIT_BUFFER_MAX:
             self.dropped += 1
             return
+        # One copy at most: `ts` first, and the policy digest on decisions (protocols.base.stamp_policy).
+        stamp = "kind" not in record and "policy" not in record and self.policy
         if "ts" not in record:
             record = {"ts": self._ts(), **record}
-        record = stamp_policy(record, self.policy)
+            if stamp:
+                record["policy"] = self.policy
+        elif stamp:
+            record = {**record, "policy": self.policy}
         g = record.get
         self.buf += (f"{g('kind') or ''}\t{g('protocol') or ''}\t{g('guest') or ''}\t{g('verdict') or ''}\t"
                      f"{g('rule') or ''}\t{g('duration_ms') or ''}\t").encode() + encode_record(record) + b"\n"

@@ -127,10 +127,13 @@ def test_records_are_encoded_once_and_chained_without_decoding(tmp_path: Path) -
         audit = AuditLog(tmp_path / "audit.jsonl")
         metrics = Metrics()
         observers: list = []
+        line_observers: list = []
 
     half = Half()
     got: list[dict] = []
     half.observers.append(got.append)
+    shipped: list[tuple[int, bytes]] = []
+    half.line_observers.append(lambda seq, line: shipped.append((seq, line)))
     Supervisor.write_encoded(half, payload)  # type: ignore[arg-type]
     half.audit.flush()
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
@@ -140,6 +143,7 @@ def test_records_are_encoded_once_and_chained_without_decoding(tmp_path: Path) -
     assert first["reason"] == "qname é.bad.test\tmatches" and first["odd"] == {"1": "b'bytes'", "set": "{1}"}
     assert "policy" not in json.loads(lines[1])  # not a decision: no digest
     assert [g["seq"] for g in got] == [1, 2]
+    assert shipped == [(i + 1, ln.encode()) for i, ln in enumerate(lines)]  # the chain's exact bytes
     assert verify([tmp_path / "audit.jsonl"]).ok
     text = half.metrics.render().decode()
     assert 'proxyvm_decisions_total{guest="web1",protocol="dns",rule="r1",verdict="deny"} 1.0' in text
@@ -157,6 +161,7 @@ def test_a_malformed_line_is_not_written_and_is_counted(tmp_path: Path) -> None:
         audit = AuditLog(tmp_path / "audit.jsonl")
         metrics = Metrics()
         observers: list = []
+        line_observers: list = []
 
     half = Half()
     good = b"\tdns\tweb1\tallow\tr\t\t" + encode_record({"guest": "web1", "protocol": "dns"})
