@@ -33,6 +33,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from OpenSSL import SSL
 
 from policy.decision import Decision, ReasonCode, Verdict
+from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext, audit_record
 from protocols.http import core, layers
@@ -43,6 +44,9 @@ MAX_CLIENT_HELLO = 64 * 1024
 MAX_PINS = 256
 _RESPONSE_HOP = frozenset({b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"upgrade"})
 MD_STATE = "proxyvm.state"
+MD_HONEYPOT = "proxyvm.honeypot"  # the quarantine entry: answer this request from the local recorder
+HONEYPOT_BODY_MAX = 1024 * 1024  # a honeypot request body recorded in full up to this (or limits.body)
+HONEYPOT_PAGE = b"<!doctype html>\n<html><head><title>Welcome</title></head><body><h1>It works!</h1></body></html>\n"
 
 HOOKS = (
     "load",
@@ -170,6 +174,7 @@ class PolicyAddon:
         self.failures = 0
         self.emitted = 0  # records this process wrote (tests see SO_REUSEPORT spreading)
         self._ssl_ctx: SSL.Context | None = None
+        self.recorder = quarantine.Recorder(ctx.state_dir)
         verify_hooks(self)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -341,6 +346,14 @@ class PolicyAddon:
             self._emit_plain(info, "tls", d, request, status=None)
             nl.layer = layers.Reject(context)
             return
+        qt = self.ctx.quarantine
+        if qt and info.guest in qt:  # quarantined: closed; a honeypot guest's ClientHello is recorded
+            qe = qt[info.guest]
+            extra = self._record_tls(info, qe, {"sni": sni, "client_hello": data})
+            self._emit_plain(info, "tls", quarantine.decision("http", info.guest, qe, "connection closed"),
+                             request, status=None, **extra)
+            nl.layer = layers.Reject(context)
+            return
         port = info.orig_dst[1] if info.orig_dst else 443
         ip = ""
         resolve_error = ""
@@ -411,6 +424,14 @@ class PolicyAddon:
             flow.response = _status_text(405, "405 CONNECT is only served on the proxy listener")
             self._emit(st, status=405, upstream=None)
             return
+        qt = self.ctx.quarantine
+        if qt and info.guest in qt:  # quarantined: 403 (TLS cannot be answered as the origin)
+            qe = qt[info.guest]
+            extra = self._record_tls(info, qe, {"connect": hostport(host, port)})
+            st.decision = quarantine.decision("http", info.guest, qe)
+            flow.response = _status_text(403, f"403 blocked by proxyvm: {quarantine.refusal_text(info.guest, qe)}")
+            self._emit(st, status=403, upstream=None, **extra)
+            return
         res = await self.resolver.resolve(host)
         if res.error:
             st.decision = _decision(Verdict.DENY, "dns", res.error)
@@ -458,6 +479,10 @@ class PolicyAddon:
         is_ws = req.headers.get("upgrade", "").lower() == "websocket"
         protocol = "ws" if is_ws else "http"
         request = {"method": req.method, "host": host, "path": path, "port": str(guest_port)}
+        qt = self.ctx.quarantine
+        if qt and info.guest in qt:  # quarantined: no rule applies (docs/cli.md#quarantine-and-release)
+            self._quarantined(flow, info, protocol, request, qt[info.guest])
+            return
         d = self.ctx.engine.decide(protocol, info.guest, request)
         st = FlowState(info, protocol, request, d, time.monotonic())
         flow.metadata[MD_STATE] = st
@@ -505,6 +530,38 @@ class PolicyAddon:
         if is_ws:
             wl = d.limits.get("max_message") or self.settings.limits.ws_message
             flow.metadata[layers.MD_WS_LIMIT] = wl
+
+    def _quarantined(self, flow: http.HTTPFlow, info: ConnInfo, protocol: str, request: dict[str, str],
+                     qe: dict[str, Any]) -> None:
+        """block: 403 now. honeypot: the body is read (bounded), then the `request` hook records the
+        whole request and answers it locally; nothing goes upstream."""
+        honeypot = qe.get("profile") == "honeypot"
+        d = quarantine.decision("http", info.guest, qe, "answered by the local recorder" if honeypot else "")
+        flow.metadata[MD_STATE] = FlowState(info, protocol, request, d, time.monotonic())
+        if not honeypot:
+            flow.response = _status_text(403, f"403 blocked by proxyvm: {quarantine.refusal_text(info.guest, qe)}")
+            return
+        flow.metadata[MD_HONEYPOT] = qe
+        flow.metadata[layers.MD_BODY_LIMIT] = self.settings.limits.body or HONEYPOT_BODY_MAX
+
+    def _honeypot_answer(self, flow: http.HTTPFlow, qe: dict[str, Any]) -> None:
+        req = flow.request
+        body = req.raw_content or b""
+        self.recorder.record(flow.metadata[MD_STATE].info.guest, qe, "http", {
+            "src": flow.metadata[MD_STATE].info.src, "method": req.method, "url": req.pretty_url,
+            "http_version": req.http_version, "headers": [[k.decode("latin-1"), v.decode("latin-1")]
+                                                          for k, v in req.headers.fields],
+            "body": body, "body_size": len(body),
+        })
+        flow.response = http.Response.make(200, HONEYPOT_PAGE, {"content-type": "text/html; charset=utf-8"})
+        self._emit(flow.metadata[MD_STATE], status=200, upstream=None, bytes_in=len(body),
+                   bytes_out=len(HONEYPOT_PAGE), quarantine="honeypot")
+
+    def _record_tls(self, info: ConnInfo, qe: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        if qe.get("profile") != "honeypot":
+            return {}
+        self.recorder.record(info.guest, qe, "tls", {"src": info.src, **data})
+        return {"quarantine": "honeypot"}
 
     def _hygiene(self, flow: http.HTTPFlow, st: FlowState, is_ws: bool) -> None:
         """Drop hop-by-hop headers (one pass over the raw fields) and any X-Forwarded-For."""
@@ -575,6 +632,10 @@ class PolicyAddon:
     @_fail_closed("flow")
     async def request(self, flow: http.HTTPFlow) -> None:
         st: FlowState | None = flow.metadata.get(MD_STATE)
+        qe = flow.metadata.get(MD_HONEYPOT)
+        if qe is not None and flow.response is None:
+            self._honeypot_answer(flow, qe)
+            return
         if st is not None and st.pending is not None:
             pending, st.pending = st.pending, None
             st.info.waiting.pop(id(st), None)

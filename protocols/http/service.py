@@ -275,6 +275,11 @@ class HTTPService:
                 proxyvm_header_timeout=settings.timeouts.header,
             )
 
+    def quarantine_changed(self) -> None:
+        """The worker replaced ctx.quarantine: the SO_REUSEPORT children need the same table."""
+        if self.pool is not None:
+            self.pool.send_all({"t": "quarantine", "table": dict(self.ctx.quarantine)})
+
     async def drain(self, timeout: float) -> None:
         self._accepting = False
         for _, srv in self._servers:

@@ -112,6 +112,7 @@ class WorkerPool:
         self.stopping = False
         self.restarts = 0
         self._latest: dict[str, Any] = {}  # the last reload, for children started after it
+        self._quarantine: dict[str, Any] | None = None  # the last quarantine table, likewise
         self._history: dict[int, list[float]] = {}
 
     async def spawn(self, spec: WorkerSpec, socks: list[socket.socket]) -> None:
@@ -186,6 +187,8 @@ class WorkerPool:
         except (RuntimeError, OSError) as e:
             self.log.error("http worker %d restart failed: %s", spec.index, e)
             return
+        if self._quarantine is not None:
+            nh.writer.write(encode(self._quarantine))
         if self.stopping:
             nh.writer.write(encode({"t": "drain", "timeout": 0.1}))
         self.workers[self.workers.index(h)] = nh
@@ -194,6 +197,8 @@ class WorkerPool:
     def send_all(self, msg: Any) -> None:
         if msg.get("t") == "reload":
             self._latest = msg
+        elif msg.get("t") == "quarantine":
+            self._quarantine = msg
         data = encode(msg)
         for h in self.workers:
             if not h.writer.is_closing():
@@ -266,6 +271,7 @@ async def _child(channel_fd: int) -> int:
     from policy import load_policy
     from protocols.base import ServiceContext, reload_service
     from protocols.http.service import HTTPService
+    from protocols.quarantine import apply_table
 
     sock = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -324,6 +330,8 @@ async def _child(channel_fd: int) -> int:
                     replace(msg["guests"])  # new guest addresses, as in the parent
                 audit.policy = new.digest
                 await reload_service(svc, ctx.engine, msg["settings"], new)
+            elif msg.get("t") == "quarantine":
+                apply_table(ctx, svc, msg.get("table"))
             elif msg.get("t") == "drain":
                 drain_timeout = float(msg.get("timeout", 10.0))
                 stopping.set()

@@ -28,6 +28,7 @@ import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
+from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext, audit_record
 from protocols.smtp.delivery import Deliverer
@@ -158,6 +159,7 @@ class Transaction(AioEnvelope):
         self.size_limit: int | None = None
         self.rules: list[tuple[str, str]] = []
         self.decisions: list[Any] = []
+        self.honeypot = False  # a recipient was taken for a honeypot guest: never delivered
 
 
 class _DataSink:
@@ -460,6 +462,9 @@ class GuestHandler:
         guest, src = self._guest(session)
         mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
         request = {"mail_from": mail_from, "rcpt_to": address, "size": envelope.declared_size}
+        qt = self.service.ctx.quarantine
+        if qt and guest in qt:  # quarantined: no rule applies (docs/cli.md#quarantine-and-release)
+            return self._quarantined_rcpt(envelope, qt[guest], guest, src, address, rcpt_options, request)
         d = self.service.engine.decide("smtp", guest=guest, request=request)
         self.service.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request,
                                                  upstream=None, event="rcpt"))
@@ -479,12 +484,65 @@ class GuestHandler:
         envelope.decisions.append(d)
         return "250 2.1.5 Ok"
 
+    def _quarantined_rcpt(self, envelope: Transaction, qe: dict[str, Any], guest: str, src: str, address: str,
+                          rcpt_options: list[str], request: dict[str, Any]) -> str:
+        """block: 550 5.7.1. honeypot: 250, and the message goes to the quarantine spool at DATA."""
+        honeypot = qe.get("profile") == "honeypot"
+        d = quarantine.decision("smtp", guest, qe, "accepted into the quarantine spool" if honeypot else "")
+        extra = {"quarantine": "honeypot"} if honeypot else {}
+        self.service.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request,
+                                                 upstream=None, event="rcpt", **extra))
+        if not honeypot:
+            return f"550 5.7.1 <{address}>: {quarantine.refusal_text(guest, qe)}"
+        envelope.honeypot = True
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        envelope.rules.append((d.rule, d.at))
+        envelope.decisions.append(d)
+        return "250 2.1.5 Ok"
+
+    async def _quarantined_data(self, session: Any, envelope: Transaction, qe: dict[str, Any] | None, guest: str,
+                                src: str, content: bytes) -> str:
+        """DATA of a quarantined guest (or of a transaction a honeypot recipient began): block
+        refuses; honeypot keeps the message durably in the guest's quarantine spool (never
+        delivered) before the 250."""
+        svc = self.service
+        qe = qe or {"profile": "honeypot"}
+        rcpts = list(envelope.rcpt_tos)
+        mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
+        request: dict[str, Any] = {"mail_from": mail_from, "rcpt_to": rcpts, "size": len(content)}
+        if qe.get("profile") != "honeypot":
+            d = quarantine.decision("smtp", guest, qe)
+            svc.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request,
+                                            upstream=None, event="data"))
+            return f"550 5.7.1 {quarantine.refusal_text(guest, qe)}"
+        now = svc.ctx.clock()
+        ident = new_id(now)
+        d = quarantine.decision("smtp", guest, qe, "accepted into the quarantine spool, never delivered")
+        meta = {"id": ident, "guest": guest, "src": src, "helo": str(session.host_name)[:255], "mail_from": mail_from,
+                "rcpt_to": rcpts, "size": len(content), "received": now, "quarantine": qe.get("since")}
+        try:
+            path = await asyncio.to_thread(quarantine.store_message, svc.ctx.state_dir, guest, ident, content, meta)
+        except OSError as e:
+            svc.ctx.log.error("smtp: cannot keep a quarantined message of %s: %s", guest, e)
+            return "452 4.3.1 Error: insufficient system storage; message not accepted, try again later"
+        request["message"] = ident
+        svc.honeypot_recorder.record(guest, qe, "smtp", {"src": src, "message": ident, "file": str(path),
+                                                         "helo": meta["helo"], "mail_from": mail_from,
+                                                         "rcpt_to": rcpts, "size": len(content)})
+        svc.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request, upstream=None,
+                                        event="accepted", quarantine="honeypot"))
+        return f"250 2.0.0 Ok: queued as {ident}"
+
     async def handle_DATA(self, server: GuestSMTP, session: Any, envelope: Transaction) -> str:
         svc = self.service
         content: bytes = envelope.original_content or b""
         if envelope.size_limit and len(content) > envelope.size_limit:
             return f"552 5.3.4 Error: message exceeds {envelope.size_limit} bytes allowed by policy"
         guest, src = self._guest(session)
+        qt = svc.ctx.quarantine
+        if envelope.honeypot or (qt and guest in qt):
+            return await self._quarantined_data(session, envelope, qt.get(guest), guest, src, content)
         now = svc.ctx.clock()
         ident = new_id(now)
         rcpts = list(envelope.rcpt_tos)
@@ -529,6 +587,7 @@ class SMTPService:
         self.ctx = ctx
         self.settings: SMTPSettings = ctx.settings
         self.engine = ctx.engine
+        self.honeypot_recorder = quarantine.Recorder(ctx.state_dir)
         self._resolver = resolver
         self._mx_port = mx_port
         self._sts_port = sts_port

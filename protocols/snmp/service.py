@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from policy.decision import Decision, ReasonCode, Verdict
+from protocols import quarantine
 from protocols.addr import addr_text
 from protocols.base import ServiceContext
 from protocols.snmp import ber, translate, usm
@@ -166,8 +167,9 @@ class SNMPService:
         self.counters: dict[str, int] = {
             "requests": 0, "denied": 0, "agent_timeouts": 0, "agent_errors": 0, "malformed": 0,
             "unknown_community": 0, "v3_from_guest": 0, "flood_dropped": 0, "internal_errors": 0,
-            "traps_in": 0, "traps_forwarded": 0, "informs_acked": 0, "traps_dropped": 0,
+            "traps_in": 0, "traps_forwarded": 0, "informs_acked": 0, "traps_dropped": 0, "quarantined": 0,
         }
+        self.recorder = quarantine.Recorder(ctx.state_dir)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -430,6 +432,10 @@ class SNMPService:
             if max_rep != pdu.error_index:
                 extra["clamped_from"] = pdu.error_index
 
+        qt = self.ctx.quarantine
+        if qt and guest in qt:  # quarantined: refused whatever the rules say (docs/cli.md#quarantine-and-release)
+            return self._quarantined(msg, pdu, qt[guest], guest, srcs, request, extra, t0)
+
         if len(vbs) > s.limits.max_varbinds:
             d = _guard("snmp.limits", f"{len(vbs)} varbinds exceed max_varbinds {s.limits.max_varbinds}")
             self.counters["denied"] += 1
@@ -471,6 +477,24 @@ class SNMPService:
         self._inflight_jobs += 1
         return _Job(msg, pdu, agent, guest, srcs, request, extra, decision, upstream, t0, peer, non_rep, max_rep,
                     bucket, engine)
+
+    def _quarantined(self, msg: ber.CommunityMessage, pdu: ber.PDU, qe: dict[str, Any], guest: str, srcs: str,
+                     request: dict[str, Any], extra: dict[str, Any], t0: float) -> bytes:
+        """Both profiles refuse (authorizationError, noAccess for a SET; v1 gets its translation);
+        a honeypot guest's request is recorded in full (every varbind, SET values included)."""
+        self.counters["quarantined"] += 1
+        honeypot = qe.get("profile") == "honeypot"
+        status = ber.NO_ACCESS if pdu.tag == ber.SET else ber.AUTHORIZATION_ERROR
+        out = translate.error_response(msg.version, pdu, status, 1 if pdu.varbinds else 0)
+        if honeypot:
+            self.recorder.record(guest, qe, "snmp", {
+                "src": srcs, **request, "request_id": pdu.request_id,
+                "varbinds": [{"oid": ber.oid_str(vb.oid), "tag": vb.tag, "value": vb.value} for vb in pdu.varbinds],
+            })
+            extra = {**extra, "quarantine": "honeypot"}
+        d = quarantine.decision("snmp", guest, qe, "refused, request recorded" if honeypot else "")
+        self._audit(d, guest, srcs, request, None, ber.error_name(out.error_status), t0, extra)
+        return self._encode(msg, pdu, out)
 
     def _encode(self, msg: ber.CommunityMessage, request: ber.PDU, out: ber.PDU) -> bytes:
         return translate.encode_bounded(msg.version, msg.community, out, self.settings.limits.max_response_size,

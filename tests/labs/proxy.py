@@ -90,6 +90,11 @@ class ProxyVM:
             time.sleep(0.1)
         raise TimeoutError(f"no matching audit record; last: {self.audit_records()[-3:]}")
 
+    def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """`proxyvm ARGS -c CONFIG` against this instance (quarantine, release, ...)."""
+        return subprocess.run([sys.executable, "-m", "proxyvm", *args, "-c", str(self.config)],
+                              capture_output=True, text=True, timeout=timeout, env={**os.environ, **(self.env or {})})
+
     def reload(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGHUP)
