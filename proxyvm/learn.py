@@ -25,7 +25,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,6 +253,7 @@ class Learner:
         self.groups: dict[tuple[str, str], _Group] = {}
         self.not_learned: dict[str, int] = defaultdict(int)
         self.learned = 0
+        self.policies: Counter[str] = Counter()  # digests of the policies that allowed what was learned
 
     def add_all(self, entries: Iterable[Entry]) -> None:
         for e in entries:
@@ -282,6 +283,7 @@ class Learner:
             g = self.groups[(guest, protocol)] = _Group()
         g.seen.add(ts)
         self.learned += 1
+        self.policies[str(rec.get("policy") or "(no digest: recorded before provenance)")] += 1
         v = g.values
         if protocol == "dns":
             self._name(g, "qname", req.get("qname"), ts)
@@ -461,6 +463,9 @@ class Learner:
             f"# {self.learned} allowed requests of {len({g for g, _ in self.groups})} guests, "
             f"{len(rules)} rules (collapse threshold {self.threshold}).",
         ]
+        if self.policies:
+            lines.append("# Allowed under policy " + ", ".join(
+                f"{d} ({n})" for d, n in sorted(self.policies.items(), key=lambda kv: (-kv[1], kv[0]))) + ".")
         if self.not_learned:
             lines.append("# Not learned: " + ", ".join(f"{n} {k.replace('_', ' ')}"
                                                      for k, n in sorted(self.not_learned.items())) + ".")

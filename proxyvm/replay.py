@@ -66,7 +66,9 @@ class Group:
 @dataclass(slots=True)
 class Report:
     policy: str
+    digest: str = ""  # the new policy's digest
     replayed: int = 0
+    read_policies: Counter[str] = field(default_factory=Counter)  # digests of the recorded decisions
     skipped: Counter[str] = field(default_factory=Counter)
     totals: Counter[str] = field(default_factory=Counter)
     verdicts: Counter[str] = field(default_factory=Counter)  # "allow->would_deny": n
@@ -82,6 +84,8 @@ class Report:
                                                              g.protocol, g.old_rule, g.new_rule))
         return {
             "policy": self.policy,
+            "policy_digest": self.digest,
+            "recorded_under": dict(sorted(self.read_policies.items(), key=lambda kv: (-kv[1], kv[0]))),
             "replayed": self.replayed,
             "unchanged": self.totals[UNCHANGED],
             "allow_to_deny": self.totals[ALLOW_TO_DENY],
@@ -97,6 +101,9 @@ class Report:
         d = self.as_dict()
         out = [f"replayed {d['replayed']} decisions under {self.policy}: {d['unchanged']} unchanged, "
                f"{d['allow_to_deny']} allow->deny, {d['deny_to_allow']} deny->allow"]
+        out.append(f"new policy {self.policy}: {self.digest or 'digest unknown'}")
+        if d["recorded_under"]:
+            out.append("recorded under: " + ", ".join(f"{k} ({v})" for k, v in d["recorded_under"].items()))
         if d["skipped"]:
             out.append("skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in d["skipped"].items()))
         shifts = {k: v for k, v in d["verdicts"].items() if "would_deny" in k and k.split("->")[0] != k.split("->")[1]}
@@ -129,7 +136,7 @@ class Replayer:
 
     def __init__(self, engine: Engine, policy_name: str, clock_cell: list[float] | None = None):
         self.engine = engine
-        self.report = Report(policy_name)
+        self.report = Report(policy_name, getattr(engine, "digest", ""))
         self._cache: dict[tuple[Any, ...], Any] = {}
         rate_rules = {r.id for r in engine.rules if r.rate is not None}
         self._rate_rules = frozenset(rate_rules)
@@ -185,6 +192,7 @@ class Replayer:
             if key is not None and d.rule not in self._rate_rules:
                 self._cache[key] = d
         rep.replayed += 1
+        rep.read_policies[str(rec.get("policy") or "(no digest: recorded before provenance)")] += 1
         old_v, new_v = rec["verdict"], d.verdict.value
         old_pass, new_pass = old_v != "deny", new_v != "deny"
         change = UNCHANGED if old_pass == new_pass else (ALLOW_TO_DENY if old_pass else DENY_TO_ALLOW)
