@@ -26,7 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from policy.source import Node, SourceError, suggest
+from policy.source import Node, SourceError
 
 log = logging.getLogger("proxyvm")
 
@@ -466,11 +466,12 @@ class RateSpike(Detector):
         if slot != r.slot:
             alpha = 2.0 / (s["history"] + 1)
             if r.slot >= 0:
-                r.mean = r.mean + alpha * (r.count - r.mean)
+                # a plain mean while there are fewer windows than the span (no bias toward 0 at start)
+                r.mean += max(alpha, 1.0 / (r.windows + 1)) * (r.count - r.mean)
                 r.windows += 1
                 gap = min(slot - r.slot - 1, 10_000)
                 if gap > 0:  # idle windows count as zero requests
-                    r.mean *= (1 - alpha) ** gap
+                    r.mean *= (1 - max(alpha, 1.0 / (r.windows + 1))) ** gap
                     r.windows += gap
             r.slot, r.count = slot, 0
         r.count += 1
@@ -721,8 +722,30 @@ class Detectors:
         return n
 
 
-def unknown_keys_hint(name: str) -> str:
-    return suggest(name, DETECTORS) or "detectors: " + ", ".join(DETECTORS)
+SEED_MAX = 2_000_000  # records read back at start at most (a bound on start-up time)
+
+
+def seed_from_log(det: Detectors, path: Path, history: float) -> int:
+    """Learned baselines start from the audit log's allowed decisions of the last `history`
+    seconds (every chain of the log set, unreadable lines skipped)."""
+    import datetime as dt
+
+    from proxyvm.auditlog_read import log_set, read_chains, ts_key
+
+    since = ts_key((dt.datetime.now(dt.UTC) - dt.timedelta(seconds=history)).isoformat())
+
+    def records() -> Iterable[dict[str, Any]]:
+        for i, e in enumerate(read_chains(log_set(path), lambda _e: None)):
+            if i >= SEED_MAX:
+                return
+            if e.rec.get("verdict") == "allow" and ts_key(e.rec.get("ts")) >= since:
+                yield e.rec
+
+    try:
+        return det.seed(records())
+    except OSError as e:
+        log.warning("new_destination: cannot read %s for the baseline: %s", path, e)
+        return 0
 
 
 _COUNTERS: dict[int, Any] = {}  # one counter per metrics registry (a reload re-attaches)
@@ -776,6 +799,11 @@ def attach(sup: Any, quarantine: Any, settings: DetectSettings | None = None) ->
                 log.error("detector %s could not quarantine %s: %s", a.detector, a.guest, e)
 
     det = Detectors(settings, emit, guests=list(sup.config.guests))
+    nd = settings.detectors.get("new_destination")
+    if nd is not None and nd.baseline is None:
+        n = seed_from_log(det, sup.config.audit.path, nd["history"])
+        log.info("new_destination: baseline learned from %d audit records of the last %s", n,
+                 f"{nd['history'] / 86400:g}d")
     sup.observers.append(det)
     quarantine.detectors = det
     log.info("detectors on: %s", ", ".join(f"{n} ({s.action})" for n, s in settings.detectors.items()))
