@@ -84,12 +84,16 @@ def test_key_extensions_differ_and_never_print() -> None:
 @given(st.binary(max_size=200))
 def test_decoders_raise_only_ber_error_on_random_bytes(data: bytes) -> None:
     # Any exception other than BERError fails the test; a successful decode must yield a value.
-    for fn in (ber.decode_community, ber.decode_v3, ber.decode_scoped, ber.decode_version):
+    expected = {ber.decode_community: ber.CommunityMessage, ber.decode_v3: ber.V3Message,
+                ber.decode_scoped: tuple, ber.decode_version: int}
+    for fn, kind in expected.items():
         try:
             result = fn(data)
         except ber.BERError:
             continue
-        assert result is not None
+        assert isinstance(result, kind), (fn.__name__, result)
+        if isinstance(result, ber.CommunityMessage):  # what is accepted re-encodes to the same message
+            assert ber.decode_community(result.encode()) == result
 
 
 @settings(max_examples=2000, deadline=None)
@@ -100,7 +104,8 @@ def test_decoders_raise_only_ber_error_on_mutations(pos: int, patch: bytes, trun
         m = ber.decode_community(data)
     except ber.BERError:
         return
-    assert m.encode() is not None  # anything accepted re-encodes
+    again = ber.decode_community(m.encode())  # anything accepted re-encodes to the same message
+    assert again == m and again.encode() == m.encode()
 
 
 @settings(max_examples=300, deadline=None)
