@@ -450,6 +450,41 @@ def cmd_release(args: argparse.Namespace) -> int:
     return code
 
 
+# -- forensics -----------------------------------------------------------------------------------
+def cmd_forensics(args: argparse.Namespace) -> int:
+    from proxyvm import forensics
+
+    if args.forensics_command == "verify":
+        rep = forensics.verify(Path(args.bundle), args.manifest_sha256 or "")
+        for p in rep.problems:
+            print(f"proxyvm forensics verify: {p}", file=sys.stderr)
+        if rep.ok:
+            print(f"ok: {args.bundle}: every member matches the manifest, {rep.records} records in intact "
+                  f"chain proofs (manifest sha256 {rep.manifest_sha256})")
+        return EXIT_OK if rep.ok else EXIT_FAIL
+    bounds = _time_bounds(args, "forensics export")
+    if bounds is None:
+        return EXIT_USAGE
+    loaded = _load_or_report(args.config)
+    if loaded is None:
+        return EXIT_FAIL
+    config, engine = loaded
+    if args.guest != "unknown" and args.guest not in config.guests:
+        print(f"proxyvm forensics export: no guest named {args.guest!r} in the config", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        n, digest = forensics.export(config, engine, args.guest, bounds[0], Path(args.output))
+    except OSError as e:
+        print(f"proxyvm forensics export: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if n == 0:
+        print(f"proxyvm forensics export: warning: no audit records of guest {args.guest} in {config.audit.path}",
+              file=sys.stderr)
+    print(f"{args.output}: {n} records of guest {args.guest}; manifest sha256 {digest} "
+          "(note it: `forensics verify --manifest-sha256` checks the bundle against it)")
+    return EXIT_OK
+
+
 # -- gateway -------------------------------------------------------------------------------------
 def cmd_gateway(args: argparse.Namespace) -> int:
     """`gateway-rules` (no action: print) and `gateway up|down` (apply/remove)."""
@@ -547,6 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("guest", metavar="GUEST")
     rl.add_argument("--reason", metavar="TEXT", help="why (goes into the audit record)")
     rl.set_defaults(fn=cmd_release)
+    fo = sub.add_parser("forensics", help="evidence bundle of one guest")
+    fosub = fo.add_subparsers(dest="forensics_command", required=True, parser_class=_Parser)
+    fe = with_config(fosub.add_parser("export", help="the guest's records with chain proof, policy, config"))
+    fe.add_argument("guest", metavar="GUEST")
+    fe.add_argument("--since", metavar="T", help="ISO time or a duration ago (30m, 1h, 2d)")
+    fe.set_defaults(until=None)
+    fe.add_argument("-o", "--output", required=True, metavar="BUNDLE.tar")
+    fe.set_defaults(fn=cmd_forensics)
+    fv = fosub.add_parser("verify", help="check a bundle against its manifest and chain proofs")
+    fv.add_argument("bundle", metavar="BUNDLE.tar")
+    fv.add_argument("--manifest-sha256", metavar="HEX", help="the manifest digest export printed")
+    fv.set_defaults(fn=cmd_forensics)
     mq = with_config(sub.add_parser("mailq", help="list the SMTP spool"))
     mq.add_argument("--flush", action="store_true", help="retry deferred mail now")
     mq.set_defaults(fn=cmd_mailq)
