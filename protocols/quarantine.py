@@ -97,27 +97,33 @@ class Recorder:
             return False
 
 
+def write_durably(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write `data` to `path` so a crash leaves the old file or the new one, never half of either:
+    a 0600 temporary file, fsync, rename, then fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync_dir:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
 def store_message(state_dir: Path | str, guest: str, ident: str, message: bytes, meta: dict[str, Any]) -> Path:
-    """Write one message of a honeypot guest durably (write, fsync, rename, fsync the directory)
-    into its quarantine spool, with its envelope beside it. Blocking: call it in a thread."""
+    """Write one message of a honeypot guest durably into its quarantine spool, with its envelope
+    beside it. Blocking: call it in a thread."""
     d = guest_dir(state_dir, guest) / "mail"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     name = _SAFE.sub("_", ident)
-    for suffix, data in ((".json", json.dumps(meta, ensure_ascii=False).encode() + b"\n"), (".eml", message)):
-        final = d / f"{name}{suffix}"
-        tmp = d / f".{name}{suffix}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    dfd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_durably(d / f"{name}.json", json.dumps(meta, ensure_ascii=False).encode() + b"\n", sync_dir=False)
+    write_durably(d / f"{name}.eml", message)
     return d / f"{name}.eml"
 
 

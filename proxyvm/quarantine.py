@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from policy.source import Node
-from protocols.quarantine import DEFAULT_RECORD_MAX
+from protocols.quarantine import DEFAULT_RECORD_MAX, write_durably
 from proxyvm.audit import now_iso
 
 log = logging.getLogger("proxyvm")
@@ -94,20 +94,7 @@ def load_state(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def save_state(path: Path, table: dict[str, dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = (json.dumps({"version": 1, "guests": table}, indent=1, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_durably(path, (json.dumps({"version": 1, "guests": table}, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _peer_uid(sock: socket.socket) -> int:

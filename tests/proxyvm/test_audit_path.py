@@ -18,24 +18,9 @@ import pytest
 from proxyvm.audit import AuditLog, verify
 from proxyvm.worker import ChannelAudit, encode_record
 from tests.labs.proxy import ProxyVM
+from tests.proxyvm.test_supervisor import ADDR, RULES_V1, _free
 
-ADDR = "127.0.2.1"
-
-RULES = """\
-mode: enforce
-default: allow
-rules:
-  - id: block-bad
-    action: deny
-    protocol: dns
-    match: {qname: ["*.bad.test"]}
-"""
-
-
-def _free(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((ADDR, 0))
-        return s.getsockname()[1]
+RULES = RULES_V1  # allow by default, deny *.bad.test
 
 
 @pytest.fixture
