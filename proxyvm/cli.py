@@ -582,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("guest", metavar="GUEST")
     rl.add_argument("--reason", metavar="TEXT", help="why (goes into the audit record)")
     rl.set_defaults(fn=cmd_release)
+    from proxyvm.fleet.cli import add_parser as add_fleet_parser
+
+    add_fleet_parser(sub, _Parser)
     fo = sub.add_parser("forensics", help="evidence bundle of one guest")
     fosub = fo.add_subparsers(dest="forensics_command", required=True, parser_class=_Parser)
     fe = with_config(fosub.add_parser("export", help="the guest's records with chain proof, policy, config"))

@@ -21,6 +21,7 @@ Defaults that depend on who runs the process (decided here, documented in the RE
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import ipaddress
 import os
@@ -66,7 +67,8 @@ SECTIONS: Mapping[str, str] = MappingProxyType(
 Registered explicitly: a section whose module is missing is reported, never silently skipped."""
 
 TOP_LEVEL_KEYS = frozenset(
-    {"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", "detect", "quarantine", *SECTIONS}
+    {"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", "detect", "quarantine", "fleet",
+     *SECTIONS}
 )
 
 DEFAULT_ROTATE_SIZE = 100 * 1000**2  # 100MB, as the size parser reads "100MB"
@@ -121,6 +123,7 @@ class Config:
     builtin: bool = False  # True when this is the built-in default (no -c)
     detect: Any = None  # proxyvm.detect.DetectSettings (None: no `detect:` section, every detector off)
     quarantine: Any = None  # proxyvm.quarantine.QuarantineSettings (None: the defaults)
+    fleet: Any = None  # proxyvm.fleet.FleetSettings (None: not in a fleet)
 
     @property
     def policy_file(self) -> Path:
@@ -537,6 +540,10 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
         from proxyvm.quarantine import parse_quarantine
 
         response["quarantine"] = problems.run(lambda: parse_quarantine(top["quarantine"]), None)
+    if "fleet" in top:
+        from proxyvm.fleet import parse_fleet
+
+        response["fleet"] = problems.run(lambda: parse_fleet(top["fleet"]), None)
 
     sections: dict[str, Any] = {}
     unavailable: list[str] = []
@@ -592,14 +599,20 @@ def load_all(
     *,
     clock: Callable[[], float] | None = None,
     as_root: bool | None = None,
+    policy_path: str | os.PathLike[str] | None = None,
 ) -> tuple[Config, Engine]:
     """Config and policy together (what `check`, `run` and SIGHUP reload need). Raises one
     `ConfigError` with every problem: the config's first, then the policy's. The policy is
     loaded even when the config has problems (when its path is known), so one `proxyvm check`
-    shows everything. `clock` goes to the engine's rate limiter (default: its own)."""
+    shows everything. `clock` goes to the engine's rate limiter (default: its own). `policy_path`
+    replaces the config's `policy:` (a fleet policy bundle in force, proxyvm.fleet)."""
     from policy import load_policy
 
     partial = _load(path, as_root)
+    if policy_path is not None:
+        partial.policy_file = Path(policy_path)
+        if partial.config is not None:
+            partial.config = dataclasses.replace(partial.config, policy_path=Path(policy_path))
     problems = list(partial.problems)
     engine = None
     if partial.policy_file is not None:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ from proxyvm import channel, quarantine
 from proxyvm.admin import AdminServer, Metrics
 from proxyvm.audit import AuditLog
 from proxyvm.config import load_all
+from proxyvm.fleet import node as fleet_node
 
 log = logging.getLogger("proxyvm")
 
@@ -79,6 +81,8 @@ class Supervisor:
         # in here (the stream must carry the chain's own bytes). Must not block.
         self.line_observers: list[Callable[[int, bytes], None]] = []
         self.quarantine: quarantine.Quarantine | None = None  # table + control socket, set in run()
+        self.fleet: Any = None  # proxyvm.fleet.node.FleetNode when `fleet:` is set (run())
+        self.policy_path: Path | None = None  # a fleet policy bundle in force instead of `policy:`
 
     # -- audit --------------------------------------------------------------------------------
     def write_audit(self, records: list[dict[str, Any]]) -> None:
@@ -170,6 +174,8 @@ class Supervisor:
             body["services"][name] = {"state": "unavailable", "reason": why}
         if not ok:
             body["status"] = "degraded"
+        if self.fleet is not None:  # fleet trouble never degrades serving guests
+            body["fleet"] = self.fleet.health()
         return ok, body
 
     # -- workers ------------------------------------------------------------------------------
@@ -178,6 +184,8 @@ class Supervisor:
         argv = [sys.executable, "-m", "proxyvm.worker", "--service", s.name, "--fd", str(child.fileno())]
         if self.config_path:
             argv += ["--config", self.config_path]
+        if self.policy_path is not None:
+            argv += ["--policy", str(self.policy_path)]
         s.ready.clear()
         s.state = "starting"
         s.proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(child.fileno(),))
@@ -253,10 +261,12 @@ class Supervisor:
         await self._spawn(s)
 
     # -- signals ------------------------------------------------------------------------------
-    async def reload(self) -> bool:
-        """SIGHUP: validate first; only a valid config + policy reaches the workers."""
+    async def reload(self, policy_path: Path | None = None) -> bool:
+        """SIGHUP: validate first; only a valid config + policy reaches the workers. `policy_path`:
+        a fleet bundle's rules file (it then stays in force over later SIGHUPs)."""
+        policy_path = policy_path or self.policy_path
         try:
-            config, engine = load_all(self.config_path)
+            config, engine = load_all(self.config_path, policy_path=policy_path)
         except Exception as e:  # noqa: BLE001 - any load failure rejects the reload
             msg = str(e)
             log.error("reload rejected; the running policy stays in force:\n%s", msg)
@@ -281,6 +291,7 @@ class Supervisor:
         ok = all(r.get("ok") for r in results.values())
         old_digest = self.policy_digest
         if ok:
+            self.policy_path = policy_path
             self.policy_digest = engine.digest
             new_mode = str(getattr(engine, "mode", "enforce"))
             if new_mode != self.policy_mode:
@@ -326,6 +337,7 @@ class Supervisor:
             self.admin = AdminServer(host, port, self.metrics, self.health)
             log.info("admin listening on %s (/healthz, /metrics)", await self.admin.start())
         self.quarantine = await quarantine.attach(self)  # quarantine table, control socket, detectors
+        self.fleet = await fleet_node.attach(self) if self.config.fleet else None  # NATS, in the background
         for name, why in self.unavailable.items():
             log.warning("%s: not available yet — %s", name, why)
         self.audit_event("start", f"proxyvm started with {self.config.source}", services=list(self.services),
@@ -362,6 +374,8 @@ class Supervisor:
         self.audit_event("stop", "proxyvm stopped (SIGTERM)")
         if self.quarantine is not None:
             await self.quarantine.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         self.audit.close()
         if self.admin:
             await self.admin.close()

@@ -135,9 +135,10 @@ def drop_privileges(user: str | None, log: logging.Logger) -> None:
 
 
 class Worker:
-    def __init__(self, name: str, config_path: str | None, sock: socket.socket):
+    def __init__(self, name: str, config_path: str | None, sock: socket.socket, policy_path: str | None = None):
         self.name = name
         self.config_path = config_path
+        self.policy_path = policy_path  # a fleet policy bundle in force instead of the config's `policy:`
         self.sock = sock
         self.log = logging.getLogger(f"proxyvm.{name}")
         self.audit = ChannelAudit()
@@ -158,7 +159,7 @@ class Worker:
         reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
         self.audit.attach(self.writer, asyncio.get_running_loop())
         try:
-            config, engine = load_all(self.config_path)
+            config, engine = load_all(self.config_path, policy_path=self.policy_path)
         except Exception as e:  # noqa: BLE001 - reported to the supervisor verbatim, then exit
             self.send({"t": "fatal", "error": str(e)})
             await self.writer.drain()
@@ -258,7 +259,7 @@ class Worker:
             # Compiling a policy (a 1M-name blocklist takes seconds) runs off the event loop, so
             # cached answers and open connections keep being served during a reload.
             if packed is None:
-                config, engine = await asyncio.to_thread(load_all, self.config_path)
+                config, engine = await asyncio.to_thread(load_all, self.config_path, policy_path=self.policy_path)
             else:
                 # Parsed (secrets included) by the supervisor; the policy is compiled here.
                 config = channel.unpack(packed)
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--service", required=True)
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--config")
+    ap.add_argument("--policy", help="rules file in force instead of the config's policy: (a fleet bundle)")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("PROXYVM_LOG_LEVEL", "INFO"),
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     sock = socket.socket(fileno=args.fd)
-    return asyncio.run(Worker(args.service, args.config, sock).run())
+    return asyncio.run(Worker(args.service, args.config, sock, args.policy).run())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # distribution name -> the module product code imports
-MODULE = {"dnspython": "dns", "ruamel.yaml": "ruamel.yaml", "prometheus-client": "prometheus_client"}
+MODULE = {"dnspython": "dns", "ruamel.yaml": "ruamel.yaml", "prometheus-client": "prometheus_client",
+          "nats-py": "nats"}
 
 
 def test_every_runtime_dependency_is_used_by_product_code() -> None:
