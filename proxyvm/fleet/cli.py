@@ -75,10 +75,15 @@ def _fail(cmd: str, msg: str) -> int:
 
 
 def _run(coro: Any) -> int:
+    from proxyvm.fleet.conn import describe
+
     try:
         return int(asyncio.run(coro))
     except SystemExit as e:
         return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        print(f"proxyvm fleet: {describe(e)}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 # -- init -----------------------------------------------------------------------------------------
@@ -545,6 +550,7 @@ def add_parser(sub: Any, parser_class: Any) -> None:
     kg = fsub.add_parser("keygen", help="make an Ed25519 key pair for signing policy bundles")
     kg.add_argument("-o", "--output", required=True, metavar="KEY", help="the private key (written 0600)")
     kg.add_argument("--public", metavar="PUB", help="the public key (default: KEY without suffix + .pub)")
+    kg.add_argument("-c", "--config", help="not needed (accepted like the other fleet commands)")
     kg.set_defaults(fn=cmd_keygen)
     pu = with_config(fsub.add_parser("push", help="validate, sign and publish a policy"))
     pu.add_argument("rules", metavar="rules.yaml")
