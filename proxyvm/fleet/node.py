@@ -172,7 +172,7 @@ class FleetNode:
             key = "plaintext"
         else:
             key = "connect"
-        if isinstance(e, OSError) and e.errno:
+        if isinstance(e, OSError) and e.errno and not isinstance(e, ssl.SSLError):
             text = f"cannot reach a NATS server: {os.strerror(e.errno)}" if e.errno != errno.ETIMEDOUT else \
                 "cannot reach a NATS server: timed out"
         else:

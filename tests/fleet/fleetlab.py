@@ -78,6 +78,12 @@ class Node:
             """) + fleet_yaml(cluster, user or name, name, key, extra_fleet))
         self.pvm = ProxyVM(self.config)
 
+    def set_fleet(self, key: str, value: str) -> None:
+        """Change one key of the node's fleet: section (a fault: another CA, other credentials...)."""
+        head, fleet = self.config.read_text().split("fleet:\n", 1)
+        lines = [f"  {key}: {value}" if ln.startswith(f"  {key}:") else ln for ln in fleet.splitlines()]
+        self.config.write_text(head + "fleet:\n" + "\n".join(lines) + "\n")
+
     def start(self, timeout: float = 30) -> Node:
         self.pvm.start(timeout)
         return self

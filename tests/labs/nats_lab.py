@@ -78,8 +78,9 @@ class NatsCluster:
             f"listen: {HOST}:{self.client_ports[i]}\n"
             + tls +
             f"jetstream {{ store_dir: \"{store}\", max_memory_store: 64MB, max_file_store: 2GB }}\n"
-            f"cluster {{ name: proxyvm-lab, listen: {HOST}:{self.cluster_ports[i]}, routes: [{routes}] }}\n"
-            "authorization {\n  users: [\n" + ",\n".join(users) + "\n  ]\n}\n"
+            + (f"cluster {{ name: proxyvm-lab, listen: {HOST}:{self.cluster_ports[i]}, routes: [{routes}] }}\n"
+               if self.size > 1 else "")
+            + "authorization {\n  users: [\n" + ",\n".join(users) + "\n  ]\n}\n"
         )
         p = self.dir / f"nats{i}.conf"
         p.write_text(text)
@@ -120,7 +121,8 @@ class NatsCluster:
     async def connect(self, user: str = "admin", **kw: Any) -> Any:
         from proxyvm.fleet.conn import connect
 
-        return await connect(self.urls, ca_file=self.ca.ca_pem, credentials_file=self.users[user],
+        urls = self.urls if self.tls else [u.replace("nats://", "tls://") for u in self.urls]
+        return await connect(urls, ca_file=self.ca.ca_pem, credentials_file=self.users[user],
                              name=f"lab {user}", attempts=2, **kw)
 
     def stop_server(self, i: int, sig: int = signal.SIGTERM) -> None:
