@@ -1,4 +1,4 @@
-"""Fleet mode on NATS JetStream (docs/configuration.md#fleet, docs/deployment.md#fleet).
+"""Fleet mode on NATS JetStream (docs/configuration.md#fleet, docs/deployment.md#fleet-mode-nats-jetstream).
 
 Owns: the `fleet:` config section (`FleetSettings`, `parse_fleet`) and the names every part of
 the fleet agrees on: the audit stream and its subjects, the KV buckets, message ids.
@@ -24,7 +24,7 @@ POLICY_KEY = "current"
 QUARANTINE_BUCKET = "PROXYVM_QUARANTINE"
 NODES_BUCKET = "PROXYVM_NODES"
 MIN_DUPLICATE_WINDOW = 60.0  # seconds; below this a re-send after a crash may be stored twice
-DEFAULT_DUPLICATE_WINDOW = 600.0  # what `proxyvm fleet init` sets (docs/deployment.md#fleet)
+DEFAULT_DUPLICATE_WINDOW = 600.0  # what `proxyvm fleet init` sets (docs/deployment.md#fleet-mode-nats-jetstream)
 DEFAULT_SPOOL_MAX = 1000**3  # 1GB of records waiting for NATS
 DEFAULT_STATUS_EVERY = 5.0
 

@@ -1,4 +1,4 @@
-"""The fleet node: the supervisor's side of fleet mode (docs/deployment.md#fleet).
+"""The fleet node: the supervisor's side of fleet mode (docs/deployment.md#fleet-mode-nats-jetstream).
 
 Owns: the NATS connection of a running appliance (reconnecting for ever), the audit shipper's
 task, the policy watcher (KV `PROXYVM_POLICY`, key `current`: verify the Ed25519 signature, refuse
