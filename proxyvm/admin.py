@@ -98,6 +98,7 @@ class AdminServer:
         self.metrics = metrics
         self.health = health
         self.server: asyncio.AbstractServer | None = None
+        self.console: Any = None  # proxyvm.console.server.Console when `admin.console: true`
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._handle, self.host, self.port, limit=8192)
@@ -118,7 +119,9 @@ class AdminServer:
                 await self._reply(writer, 400, "text/plain", b"bad request\n")
                 return
             method, target = parts[0].decode("latin-1"), parts[1].decode("latin-1").split("?", 1)[0]
-            if method not in ("GET", "HEAD"):
+            if self.console is not None and self.console.owns(target):
+                await self.console.handle(head, reader, writer)  # its own methods, auth and replies
+            elif method not in ("GET", "HEAD"):
                 await self._reply(writer, 405, "text/plain", b"only GET\n")
             elif target == "/healthz":
                 ok, body = self.health()

@@ -92,6 +92,10 @@ class AuditSettings:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: tuple[str, int] | None = None  # None: no admin endpoint
+    console: bool = False  # the operator console on the admin listener (proxyvm.console)
+    # The console's token: only the path travels (config is packed to workers); the supervisor
+    # reads the file when the admin listener starts. Checked here: readable, 0600, long enough.
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,9 +362,35 @@ def _parse_audit(node: Node, as_root: bool) -> AuditSettings:
     return AuditSettings(path, rotate_size, keep)
 
 
+TOKEN_MIN_LENGTH = 16
+
+
 def _parse_admin(node: Node) -> AdminSettings:
-    fields = node.get_map(allowed={"listen"}, required={"listen"}, what="admin")
-    return AdminSettings(listen_address(fields["listen"], "admin listen address"))
+    fields = node.get_map(allowed={"listen", "console", "token_file"}, required={"listen"}, what="admin")
+    listen = listen_address(fields["listen"], "admin listen address")
+    console = fields["console"].bool("admin console") if "console" in fields else False
+    token_file = None
+    if "token_file" in fields:
+        tnode = fields["token_file"]
+        token = tnode.secret_file("admin token").reveal()  # checked, not kept
+        token_file = tnode.path("admin token_file")
+        if len(token) < TOKEN_MIN_LENGTH:
+            raise tnode.fail(f"admin token file {token_file} holds {len(token)} characters; at least "
+                             f"{TOKEN_MIN_LENGTH} are needed", "make one with: openssl rand -hex 32 > FILE")
+        mode = os.stat(token_file).st_mode & 0o777
+        if mode & 0o077:
+            raise tnode.fail(f"admin token file {token_file} has mode {mode:04o}: others can read the token",
+                             f"chmod 600 {token_file}")
+    if console and token_file is None:
+        raise fields["console"].fail("admin console: true needs admin.token_file (the console's login token)",
+                                     "make one with: openssl rand -hex 32 > FILE; chmod 600 FILE")
+    if token_file is None and not ipaddress.ip_address(listen[0]).is_loopback:
+        raise fields["listen"].fail(
+            f"admin listen address {fields['listen'].value!r} is not a loopback address and admin.token_file "
+            "is not set: anyone who reaches it could use the admin endpoint",
+            "bind it to 127.0.0.1 / [::1], or set admin.token_file",
+        )
+    return AdminSettings(listen, console, token_file)
 
 
 def _parse_gateway(node: Node) -> GatewaySettings:

@@ -335,6 +335,10 @@ class Supervisor:
         if self.config.admin and self.config.admin.listen:
             host, port = self.config.admin.listen
             self.admin = AdminServer(host, port, self.metrics, self.health)
+            if self.config.admin.console:  # the operator console (proxyvm.console)
+                from proxyvm.console.server import attach as attach_console
+
+                self.admin.console = attach_console(self)
             log.info("admin listening on %s (/healthz, /metrics)", await self.admin.start())
         self.quarantine = await quarantine.attach(self)  # quarantine table, control socket, detectors
         self.fleet = await fleet_node.attach(self) if self.config.fleet else None  # NATS, in the background
