@@ -81,6 +81,9 @@ class Supervisor:
         # in here (the stream must carry the chain's own bytes). Must not block.
         self.line_observers: list[Callable[[int, bytes], None]] = []
         self.quarantine: quarantine.Quarantine | None = None  # table + control socket, set in run()
+        from proxyvm.service_metrics import ServiceMetrics  # per-service families from the health dicts
+
+        self.metrics.registry.register(ServiceMetrics(self))
         self.fleet: Any = None  # proxyvm.fleet.node.FleetNode when `fleet:` is set (run())
         self.policy_path: Path | None = None  # a fleet policy bundle in force instead of `policy:`
 

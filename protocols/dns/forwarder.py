@@ -383,6 +383,7 @@ class Forwarder:
             "cache_bytes": self.cache.bytes,
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
+            "cache_evictions": self.cache.evictions,
             "upstream_queries": self.upstream_queries,
             "coalesced": self.coalesced,
             "dnssec": "off" if self.validator is None else

@@ -294,6 +294,10 @@ class DNSService:
         self._qps = self.settings.limits.qps
         self._answer_ip = _engine_uses_answer_ip(ctx.engine)
         self.stats: defaultdict[str, int] = defaultdict(int)
+        # audited answers by rcode, by EDE code, by DNSSEC outcome (for /metrics)
+        self.rcodes: defaultdict[int, int] = defaultdict(int)
+        self.edes: defaultdict[int, int] = defaultdict(int)
+        self.dnssec_outcomes: defaultdict[str, int] = defaultdict(int)
         self.clock = time.monotonic
         self.listening: list[str] = []
         self.recorder = quarantine.Recorder(ctx.state_dir)
@@ -384,6 +388,9 @@ class DNSService:
             if not any(u["state"] == "up" for u in h["upstreams"]) or h["dnssec"] == "unavailable":
                 h["state"] = "degraded"
         h["tcp_connections"] = len(self.tcp_conns)
+        h["rcodes"] = {rcode_text(k): v for k, v in self.rcodes.items()}
+        h["ede"] = {str(k): v for k, v in self.edes.items()}
+        h["dnssec_outcomes"] = dict(self.dnssec_outcomes)
         return h
 
     # -- helpers -------------------------------------------------------------------------------
@@ -424,8 +431,13 @@ class DNSService:
             "rule": d.rule, "at": d.at, "reason": d.detail, "request": {"qname": qname, "qtype": qtype},
             "upstream": upstream, "rcode": rcode_text(rcode), "duration_ms": int(dt * 1e6) / 1000,
         }
+        self.rcodes[rcode] += 1
         if extra:
             rec.update(extra)
+            if extra.get("ede") is not None:
+                self.edes[extra["ede"]] += 1
+            if extra.get("dnssec"):
+                self.dnssec_outcomes[extra["dnssec"]] += 1
         orig = getattr(src, "orig", None)
         if orig:
             rec["orig_dst"] = orig

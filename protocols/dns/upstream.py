@@ -302,6 +302,7 @@ class Upstream:
         self.connects = 0
         self.resumptions = 0
         self.answers = 0
+        self.latency_sum = 0.0  # seconds over all answers (with `answers`: a mean for /metrics)
         self.failures = 0
         self.tls = ""
 
@@ -400,6 +401,7 @@ class Upstream:
         rtt = loop.time() - t0
         self.srtt = rtt if not self.srtt else 0.8 * self.srtt + 0.2 * rtt
         self.answers += 1
+        self.latency_sum += rtt
         return UpstreamAnswer(frame, self.address, self.s.name, conn.tls, conn.resumed)
 
     def close(self) -> None:
@@ -414,6 +416,7 @@ class Upstream:
             "srtt_ms": round(self.srtt * 1000, 2), "tls": self.tls, "connections": len(self.conns),
             "connects": self.connects,
             "resumptions": self.resumptions, "answers": self.answers, "failures": self.failures,
+            "latency_sum": round(self.latency_sum, 6),
             "last_error": self.last_error,
         }
 

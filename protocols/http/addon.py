@@ -89,6 +89,42 @@ def system_ca_file() -> str:
     return certifi.where()
 
 
+_TLS_CAUSES = frozenset({"untrusted", "name_mismatch", "expired", "no_tls", "tls_failed"})
+
+
+def new_traffic() -> dict[str, Any]:
+    return {"by_status": {}, "bytes_in": 0, "bytes_out": 0, "upstream_tls_failures": {},
+            "ws_opened": 0, "ws_closed": 0}
+
+
+def count_traffic(t: dict[str, Any], protocol: str, status: int | None, extra: dict[str, Any]) -> None:
+    """One audited request into the counters /metrics shows (bounded: status codes, causes)."""
+    key = str(status) if isinstance(status, int) and 100 <= status < 600 else "none"
+    by = t["by_status"]
+    by[key] = by.get(key, 0) + 1
+    t["bytes_in"] += int(extra.get("bytes_in") or 0)
+    t["bytes_out"] += int(extra.get("bytes_out") or 0)
+    cause = extra.get("cause")
+    if cause in _TLS_CAUSES:
+        f = t["upstream_tls_failures"]
+        f[cause] = f.get(cause, 0) + 1
+    if protocol == "ws" and status == 101:
+        t["ws_opened"] += 1
+
+
+def sum_traffic(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out = new_traffic()
+    for t in parts:
+        for k, v in (t or {}).items():
+            if isinstance(v, dict):
+                d = out.setdefault(k, {})
+                for kk, n in v.items():
+                    d[kk] = d.get(kk, 0) + int(n)
+            elif isinstance(v, int):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
 @dataclass(slots=True)
 class ConnInfo:
     """What the proxy knows about one guest connection."""
@@ -172,6 +208,7 @@ class PolicyAddon:
         self.listen_addrs = listen_addrs
         self.conns: dict[str, ConnInfo] = {}
         self.failures = 0
+        self.traffic = new_traffic()  # counters for /metrics (HTTPService.health sums the children's)
         self.emitted = 0  # records this process wrote (tests see SO_REUSEPORT spreading)
         self._ssl_ctx: SSL.Context | None = None
         self.recorder = quarantine.Recorder(ctx.state_dir)
@@ -223,6 +260,7 @@ class PolicyAddon:
             rec["orig_dst"] = hostport(*st.info.orig_dst[:2])
         self.ctx.audit.emit(rec)
         self.emitted += 1
+        count_traffic(self.traffic, st.protocol, status, extra)
         if self.ctx.observe is not None:
             try:
                 self.ctx.observe(st.protocol, st.info.guest, str(st.decision.verdict), st.decision.rule,
@@ -702,6 +740,9 @@ class PolicyAddon:
             duration_ms=round((time.monotonic() - st.started) * 1000, 1),
         )
         self.ctx.audit.emit(rec)
+        self.traffic["ws_closed"] += 1
+        self.traffic["bytes_in"] += int(rec.get("bytes_in") or 0)
+        self.traffic["bytes_out"] += int(rec.get("bytes_out") or 0)
 
     @_fail_closed("server")
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

@@ -326,4 +326,14 @@ class HTTPService:
             "hook_failures": failures,
             "listeners": [f"{k} {hostport(*a)}" for k, v in self.bound_addresses().items() for a in v],
             "pid": os.getpid(),
+            "traffic": self._traffic(),
         }
+
+    def _traffic(self) -> dict[str, Any]:
+        """This process's counters plus, in the parent, its SO_REUSEPORT children's (for /metrics)."""
+        from protocols.http.addon import new_traffic, sum_traffic
+
+        parts = [self.addon.traffic if self.addon else new_traffic()]
+        if self.pool is not None:
+            parts += [h.health.get("traffic") or {} for h in self.pool.workers]
+        return sum_traffic(parts)

@@ -36,6 +36,19 @@ FLUSH_POLL = 1.0
 FRESH_CACHE_BYTES = 64 * 1024 * 1024  # new messages kept in memory for their first attempt
 
 
+
+def tls_failure_kind(alarm: str) -> str:
+    """The kind of a delivery's TLS alarm (protocols.smtp.client): `strip` (no STARTTLS offered,
+    refused, or no TLS), `dane_mismatch` (the chain matched no secure TLSA record), `bad_cert`
+    (handshake or certificate verification failed), `handshake` (the TLS connection broke)."""
+    if alarm.startswith(("STARTTLS not offered", "STARTTLS refused", "no TLS")):
+        return "strip"
+    if alarm.startswith("certificate verification failed"):
+        return "dane_mismatch"
+    if alarm.startswith("TLS handshake or certificate verification failed"):
+        return "bad_cert"
+    return "handshake"
+
 class QueueRunner:
     def __init__(self, spool: Spool, deliverer: Deliverer, settings: SMTPSettings, audit: Any,
                  log: logging.Logger, clock: Callable[[], float]):
@@ -61,6 +74,9 @@ class QueueRunner:
         self._fresh_bytes = 0
         self.delivered = 0
         self.bounced = 0
+        self.attempts: dict[str, int] = {}  # attempt outcome (delivered|deferred|failed) -> count
+        self.finals: dict[str, int] = {}  # message outcome (delivered|partial|failed|expired) -> count
+        self.tls_failures: dict[str, int] = {}  # strip | bad_cert | dane_mismatch | handshake -> count
 
     # -- control --------------------------------------------------------------------------
     def load(self, entries: list[SpoolEntry]) -> None:
@@ -120,8 +136,11 @@ class QueueRunner:
         return max(max(1, m // 4), m - self.busy_guests())
 
     def stats(self) -> dict[str, int]:
+        oldest = min((e.envelope.received for e in self.entries.values()), default=None)
         return {"queued": len(self.entries), "inflight": len(self._inflight),
-                "delivered": self.delivered, "bounced": self.bounced}
+                "delivered": self.delivered, "bounced": self.bounced,
+                "oldest_age": round(self.clock() - oldest, 3) if oldest is not None else 0.0,
+                "attempts": dict(self.attempts), "finals": dict(self.finals), "tls_failures": dict(self.tls_failures)}
 
     # -- loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -285,7 +304,10 @@ class QueueRunner:
                          "verified": bool(a.verified), "verified_by": a.verified or None, "reused": a.reused},
             "event": "attempt", "reply": a.reply, "outcome": a.outcome,
         }
+        self.attempts[a.outcome] = self.attempts.get(a.outcome, 0) + 1
         if a.alarm:
+            kind = tls_failure_kind(a.alarm)
+            self.tls_failures[kind] = self.tls_failures.get(kind, 0) + 1
             rec["alarm"] = a.alarm
             self.log.warning("smtp: ALARM %s (message %s)", a.alarm, env.id)
         self.audit.emit(rec)
@@ -294,6 +316,7 @@ class QueueRunner:
         env = entry.envelope
         rule, at = self._rule(env)
         outcome = "delivered" if not failed else ("expired" if expired else ("failed" if not delivered else "partial"))
+        self.finals[outcome] = self.finals.get(outcome, 0) + 1
         self.audit.emit({
             "kind": "delivery",  # what became of accepted mail: not a decision
             "guest": env.guest, "src": env.src, "protocol": "smtp", "verdict": "allow", "rule": rule, "at": at,

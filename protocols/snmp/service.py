@@ -170,6 +170,7 @@ class SNMPService:
             "traps_in": 0, "traps_forwarded": 0, "informs_acked": 0, "traps_dropped": 0, "quarantined": 0,
         }
         self.recorder = quarantine.Recorder(ctx.state_dir)
+        self.by_op: dict[str, int] = {}  # "op/outcome" -> audited requests (for /metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -227,7 +228,8 @@ class SNMPService:
     def health(self) -> dict[str, Any]:
         return {"state": "ok" if self._listeners or not (self.settings.listen or self.settings.traps_listen)
                 else "degraded",
-                "listeners": len(self._listeners), "agents_known": len(self._peers), **self.counters}
+                "listeners": len(self._listeners), "agents_known": len(self._peers), **self.counters,
+                "by_op": dict(self.by_op)}
 
     def _bump_boots(self) -> int:
         """snmpEngineBoots for the proxy's own engine (v3 TRAPs): persisted, +1 per start."""
@@ -561,6 +563,9 @@ class SNMPService:
         ms = (time.perf_counter() - t0) * 1000
         rec = _record(decision, guest, src, request, upstream, status=status, duration_ms=round(ms, 3), **extra)
         self.ctx.audit.emit(rec)
+        key = f"{request.get('op') or 'unknown'}/{_outcome(str(decision.verdict), status)}"
+        if key in self.by_op or len(self.by_op) < 256:
+            self.by_op[key] = self.by_op.get(key, 0) + 1
         if self.ctx.observe is not None:
             self.ctx.observe("snmp", guest, str(decision.verdict), decision.rule, ms / 1000)
 
@@ -738,6 +743,17 @@ def _v2_trap_varbinds(pdu: ber.PDU | ber.TrapV1, src_ip: str) -> list[ber.VarBin
     if ip4 is not None:
         vbs.append(ber.varbind(SNMP_TRAP_ADDRESS, ber.IPADDRESS, ip4))
     return vbs
+
+
+def _outcome(verdict: str, status: str) -> str:
+    """A bounded outcome label for /metrics: ok, denied, timeout, an SNMP error name, or error."""
+    if verdict == "deny":
+        return "denied"
+    if status == "noError":
+        return "ok"
+    if status == "agent timeout":
+        return "timeout"
+    return status if status.isalpha() and len(status) <= 24 else "error"
 
 
 def _record(decision: Decision, guest: str, src: str, request: dict[str, Any], upstream: dict[str, Any] | None,
