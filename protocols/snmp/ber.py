@@ -7,7 +7,7 @@ only needs OIDs (for policy) and value *types* (exceptions, Counter64) on the ho
 Must not: do crypto, policy or I/O. Every malformed input raises `BERError`, never anything else.
 
 Why not pyasn1 here: decoding + re-encoding one GET through pyasn1 costs ~1 ms of CPU, which caps
-the proxy far below net-snmp's own proxy. pysnmp/pyasn1 still own key localisation (see `usm`).
+the proxy far below net-snmp's own proxy.
 """
 
 from __future__ import annotations

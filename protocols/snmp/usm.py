@@ -1,9 +1,14 @@
 """SNMPv3 User-based Security Model (RFC 3414, RFC 3826, RFC 7860) for the proxy's outside leg.
 
-Owns: protocol name tables, key derivation (password -> Ku via pysnmp's RFC 3414 code, localisation
-and the two AES key-extension variants via pysnmp's classes), HMAC authentication and AES-CFB
-privacy of whole messages, and building/opening authPriv messages.
+Owns: protocol name tables, key derivation (RFC 3414 A.2 password -> Ku, localisation to an engine,
+and the two AES key-extension variants), HMAC authentication and AES-CFB privacy of whole messages,
+and building/opening authPriv messages.
 Must not: do I/O or policy, or let a key/password reach a log line, exception text or repr.
+
+The key derivation is some twenty lines of hashing, written here rather than borrowed from pysnmp:
+pysnmp (with pyasn1) is a large dependency that the proxy used for nothing else. pysnmp stays in
+the test extra as an oracle: tests/protocols/snmp/test_snmp_usm_oracle.py derives every
+auth x priv combination both ways and compares, next to the RFC 3414 A.3 vectors.
 """
 
 from __future__ import annotations
@@ -16,40 +21,33 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-# pysnmp's eso.priv and rfc3414 import each other; importing rfc3414 first avoids the cycle.
-import pysnmp.proto.secmod.rfc3414  # noqa: F401, I001
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from pyasn1.type import univ
-from pysnmp.proto.secmod.eso.priv import aes192, aes256
-from pysnmp.proto.secmod.rfc3414 import localkey
-from pysnmp.proto.secmod.rfc3414.auth import hmacmd5, hmacsha
-from pysnmp.proto.secmod.rfc3826.priv import aes
-from pysnmp.proto.secmod.rfc7860.auth import hmacsha2
 
 from protocols.snmp import ber
 
-# name -> (hashlib name, digest bytes on the wire, pysnmp service id)
-AUTH_PROTOCOLS: dict[str, tuple[str, int, tuple[int, ...]]] = {
-    "MD5": ("md5", 12, hmacmd5.HmacMd5.SERVICE_ID),
-    "SHA": ("sha1", 12, hmacsha.HmacSha.SERVICE_ID),
-    "SHA-224": ("sha224", 16, hmacsha2.HmacSha2.SHA224_SERVICE_ID),
-    "SHA-256": ("sha256", 24, hmacsha2.HmacSha2.SHA256_SERVICE_ID),
-    "SHA-384": ("sha384", 32, hmacsha2.HmacSha2.SAH384_SERVICE_ID),
-    "SHA-512": ("sha512", 48, hmacsha2.HmacSha2.SHA512_SERVICE_ID),
+# name -> (hashlib name, digest bytes on the wire: RFC 3414 / RFC 7860 truncation)
+AUTH_PROTOCOLS: dict[str, tuple[str, int]] = {
+    "MD5": ("md5", 12),
+    "SHA": ("sha1", 12),
+    "SHA-224": ("sha224", 16),
+    "SHA-256": ("sha256", 24),
+    "SHA-384": ("sha384", 32),
+    "SHA-512": ("sha512", 48),
 }
 LEGACY_AUTH = frozenset({"MD5", "SHA"})
 
 # Blumenthal (draft-blumenthal-aes-usm-04, net-snmp "AES192"/"AES256") extends a short localised key
 # by hashing it again; the Cisco variant (draft-reeder, net-snmp "AES192C"/"AES256C") re-runs the
-# password-to-key steps. pysnmp's class names are the other way round from its docstrings: its
-# `AesBlumenthal*` are Blumenthal and its plain `Aes192/256` are Reeder (Cisco).
-PRIV_PROTOCOLS: dict[str, tuple[int, object]] = {
-    "AES-128": (16, aes.Aes()),
-    "AES-192": (24, aes192.AesBlumenthal192()),
-    "AES-256": (32, aes256.AesBlumenthal256()),
-    "AES-192-Cisco": (24, aes192.Aes192()),
-    "AES-256-Cisco": (32, aes256.Aes256()),
+# password-to-key steps with the short key as the password.
+# name -> (key bytes, extension: "" (none needed) | "blumenthal" | "reeder")
+PRIV_PROTOCOLS: dict[str, tuple[int, str]] = {
+    "AES-128": (16, ""),
+    "AES-192": (24, "blumenthal"),
+    "AES-256": (32, "blumenthal"),
+    "AES-192-Cisco": (24, "reeder"),
+    "AES-256-Cisco": (32, "reeder"),
 }
+KU_BYTES = 1_048_576  # RFC 3414 A.2: the password repeated to one megabyte
 
 FLAG_AUTH, FLAG_PRIV, FLAG_REPORTABLE = 0x01, 0x02, 0x04
 USM_MODEL = 3
@@ -71,10 +69,39 @@ class USMError(Exception):
     """An SNMPv3 message failed a USM check; the text names the check, never a key."""
 
 
+def password_to_ku(password: bytes, hash_name: str) -> bytes:
+    """RFC 3414 A.2: the hash of the password repeated to fill 1,048,576 bytes."""
+    if not password:
+        raise USMError("an empty password cannot make a key")
+    buf = (password * (KU_BYTES // len(password) + 1))[:KU_BYTES]
+    return hashlib.new(hash_name, buf).digest()
+
+
+def localize_key(ku: bytes, engine_id: bytes, hash_name: str) -> bytes:
+    """RFC 3414 A.2: Kul = H(Ku || snmpEngineID || Ku)."""
+    return hashlib.new(hash_name, ku + engine_id + ku).digest()
+
+
+def localize_priv_key(priv_name: str, ku: bytes, engine_id: bytes, hash_name: str) -> bytes:
+    """The privacy key for `priv_name`: the localised key, extended when the hash is shorter than
+    the AES key (Blumenthal: append H(key so far); Reeder/Cisco: append the key localised from the
+    key so far used as a password), cut to the key size."""
+    size, extension = PRIV_PROTOCOLS[priv_name]
+    key = localize_key(ku, engine_id, hash_name)
+    while len(key) < size:
+        if extension == "blumenthal":
+            key += hashlib.new(hash_name, key).digest()
+        elif extension == "reeder":
+            key += localize_key(password_to_ku(key, hash_name), engine_id, hash_name)
+        else:
+            raise USMError(f"{priv_name} needs a {size}-byte key; the auth hash gives {len(key)}")
+    return key[:size]
+
+
 @lru_cache(maxsize=64)
 def _ku(password: str, hash_name: str) -> bytes:
-    """RFC 3414 A.2 password-to-key (1 MB of hashing; cached per password)."""
-    return localkey.hash_passphrase(password.encode(), getattr(hashlib, hash_name)).asOctets()
+    """password_to_ku, cached per password (1 MB of hashing each)."""
+    return password_to_ku(password.encode(), hash_name)
 
 
 _ku_lock = threading.Lock()
@@ -98,18 +125,14 @@ class LocalKeys:
 
 
 def localize(auth_name: str, auth_password: str, priv_name: str, priv_password: str, engine_id: bytes) -> LocalKeys:
-    hash_name, _, auth_sid = AUTH_PROTOCOLS[auth_name]
-    key_size, priv_svc = PRIV_PROTOCOLS[priv_name]
+    hash_name, auth_len = AUTH_PROTOCOLS[auth_name]
     with _ku_lock:
         ku_auth = _ku(auth_password, hash_name)
         ku_priv = _ku(priv_password, hash_name)
-    kul_auth = localkey.localize_key(ku_auth, univ.OctetString(engine_id), getattr(hashlib, hash_name)).asOctets()
-    kul_priv = priv_svc.localize_key(auth_sid, ku_priv, univ.OctetString(engine_id))  # type: ignore[attr-defined]
-    kul_priv = univ.OctetString(kul_priv).asOctets()[:key_size]
-    if len(kul_priv) != key_size:
-        raise USMError(f"{priv_name} needs a {key_size}-byte key; {auth_name} cannot provide one")
+    kul_auth = localize_key(ku_auth, engine_id, hash_name)
+    kul_priv = localize_priv_key(priv_name, ku_priv, engine_id, hash_name)
     aes_alg = algorithms.AES(kul_priv)
-    return LocalKeys(auth_name, priv_name, engine_id, kul_auth, kul_priv, hash_name, AUTH_PROTOCOLS[auth_name][1],
+    return LocalKeys(auth_name, priv_name, engine_id, kul_auth, kul_priv, hash_name, auth_len,
                      aes_alg, Cipher(aes_alg, modes.ECB()).encryptor())
 
 

@@ -5,8 +5,8 @@ DS-to-DNSKEY matching, RRSIG verification with a cache of parsed public keys, an
 of a failed verification into an EDE (expired, not yet valid, no key, bad signature).
 Must not: fetch, walk the tree, or decide secure/insecure for a zone — callers do.
 
-dnspython builds the canonical signed data (`dns.dnssec._make_rrsig_signature_data`, private but
-stable across dnspython 2.x); the public-key step is ours, straight on `cryptography`, because
+dnspython builds the canonical signed data (`dns.dnssec._make_rrsig_signature_data`: private, so
+pyproject.toml pins dnspython exactly and an upgrade runs the DNSSEC lab first); the public-key step is ours, straight on `cryptography`, because
 dnspython 2.9 switches its own DNSSEC crypto off unless cryptography>=50 (mitmproxy 11 pins 44).
 Parsed public keys are cached: parsing an RSA key costs more than verifying with it.
 """
