@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
 
 from policy.model import (
     FILE_KEYS,
@@ -37,7 +36,7 @@ from policy.model import (
     Rule,
     parse_pattern,
 )
-from policy.source import Node, Problem, SourceError, load_yaml, suggest
+from policy.source import Node, Problem, Problems, SourceError, load_yaml, suggest
 
 TOP_KEYS = frozenset({"version", "mode", "default", "rules"})
 RULE_KEYS = frozenset({"id", "action", "protocol", "guests", "match", "rate", "plaintext", "comment"})
@@ -54,29 +53,6 @@ _PLAINTEXT_WHY = {
     "tls": "passthrough TLS is encrypted end to end already",
 }
 
-T = TypeVar("T")
-
-
-class _Problems:
-    """Collects located problems so one run of `proxyvm check` reports as many as it can."""
-
-    def __init__(self) -> None:
-        self.items: list[Problem] = []
-
-    def attempt(self, fn: Callable[[], T], default: T) -> T:
-        try:
-            return fn()
-        except SourceError as e:
-            self.items.extend(e.problems)
-            return default
-
-    def add(self, problem: Problem) -> None:
-        self.items.append(problem)
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            self.items.sort(key=lambda p: (p.file, p.line, p.col))
-            raise SourceError(self.items)
 
 
 _GENERIC_HINTS = (
@@ -119,7 +95,7 @@ def parse_policy(path: str | os.PathLike[str], guests: Iterable[str]) -> Policy:
 def _parse_policy(path: str | os.PathLike[str], guests: Iterable[str]) -> Policy:
     root = load_yaml(path, what="policy file")
     known_guests = frozenset(guests) | {UNKNOWN_GUEST}
-    problems = _Problems()
+    problems = Problems()
     top = _checked_map(root, TOP_KEYS, (), "the policy file", problems)
     if top is None:
         problems.raise_if_any()
@@ -150,7 +126,7 @@ def _parse_policy(path: str | os.PathLike[str], guests: Iterable[str]) -> Policy
 
 
 def _checked_map(
-    node: Node, allowed: Iterable[str], required: Iterable[str], what: str, problems: _Problems,
+    node: Node, allowed: Iterable[str], required: Iterable[str], what: str, problems: Problems,
     hint_for: Callable[[Problem], Problem] | None = None,
 ) -> dict[str, Node] | None:
     """`node.get_map` that records its problems and still returns the known entries, so that the
@@ -166,7 +142,7 @@ def _checked_map(
 
 
 def _parse_rule(
-    item: Node, index: int, known_guests: frozenset[str], first_seen: dict[str, Node], problems: _Problems
+    item: Node, index: int, known_guests: frozenset[str], first_seen: dict[str, Node], problems: Problems
 ) -> Rule | None:
     start = len(problems.items)
     f = _checked_map(item, RULE_KEYS, ("id", "action", "protocol"), "a rule", problems)
@@ -246,7 +222,7 @@ def _parse_rule(
     )
 
 
-def _parse_guests(node: Node, known: frozenset[str], problems: _Problems) -> frozenset[str] | None:
+def _parse_guests(node: Node, known: frozenset[str], problems: Problems) -> frozenset[str] | None:
     items = problems.attempt(lambda: node.get_list("guest names", allow_scalar=True), None)
     if items is None:
         return None
@@ -273,7 +249,7 @@ def _parse_guests(node: Node, known: frozenset[str], problems: _Problems) -> fro
 
 def _parse_match(
     node: Node, protocol: str, match: dict[str, tuple[Pattern, ...]], name_files: list[NameFile],
-    limits: dict[str, int], problems: _Problems,
+    limits: dict[str, int], problems: Problems,
 ) -> None:
     if node.value is None:
         return
@@ -340,7 +316,7 @@ def _parse_match(
             match[key] = tuple(dict.fromkeys(patterns))  # keep order, drop repeats
 
 
-def _parse_rate(node: Node, problems: _Problems) -> Rate | None:
+def _parse_rate(node: Node, problems: Problems) -> Rate | None:
     text = node.value if isinstance(node.value, str) else None
     m = _RATE_RE.match(text) if text is not None else None
     if not m or int(m.group(1)) < 1:

@@ -14,10 +14,10 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -47,6 +47,33 @@ class SourceError(Exception):
     def __init__(self, problems: Problem | Iterable[Problem]):
         self.problems: list[Problem] = [problems] if isinstance(problems, Problem) else list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+T = TypeVar("T")
+
+
+class Problems:
+    """Collects located problems from independent parts of a file, so one run of `proxyvm check`
+    reports as many as it can (the one collector of the policy parser and the config loader)."""
+
+    def __init__(self) -> None:
+        self.items: list[Problem] = []
+
+    def attempt(self, fn: Callable[[], T], default: T) -> T:
+        """fn(), or `default` after recording its SourceError's problems."""
+        try:
+            return fn()
+        except SourceError as e:
+            self.items.extend(e.problems)
+            return default
+
+    def add(self, problem: Problem) -> None:
+        self.items.append(problem)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            self.items.sort(key=lambda p: (p.file, p.line, p.col))
+            raise SourceError(self.items)
 
 
 class Secret:

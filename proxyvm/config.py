@@ -31,9 +31,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from policy.source import Node, Problem, SourceError, load_yaml, suggest
+from policy.source import Node, Problem, Problems, SourceError, load_yaml, suggest
 from proxyvm.defaults import DEFAULT_CONFIG, DEFAULT_POLICY
 from proxyvm.errors import ConfigError
 from proxyvm.inventory import GUEST_NAME, UNKNOWN, Guest, normalise_address, normalise_mac
@@ -180,24 +180,6 @@ def default_user() -> str | None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-T = TypeVar("T")
-
-
-class _Problems:
-    """Collects problems from independent parts so one run reports them all."""
-
-    def __init__(self) -> None:
-        self.list: list[Problem] = []
-
-    def run(self, fn: Callable[[], T], fallback: T) -> T:
-        try:
-            return fn()
-        except SourceError as e:
-            self.list.extend(e.problems)
-            return fallback
-
-    def add(self, problem: Problem) -> None:
-        self.list.append(problem)
 
 
 def _key_node(parent: Node, key: str, value: Node) -> Node:
@@ -233,7 +215,7 @@ def _interface(node: Node, what: str) -> str:
 
 
 # -- sections -----------------------------------------------------------------------------------
-def _parse_guests(node: Node, problems: _Problems) -> dict[str, Guest]:
+def _parse_guests(node: Node, problems: Problems) -> dict[str, Guest]:
     entries = node.get_map(what="guests")
     guests: dict[str, Guest] = {}
     owner_of_address: dict[str, tuple[str, Node]] = {}
@@ -256,7 +238,7 @@ def _parse_guests(node: Node, problems: _Problems) -> dict[str, Guest]:
                 )
             )
             continue
-        parsed = problems.run(lambda n=name, g=gnode: _parse_guest(n, g), None)
+        parsed = problems.attempt(lambda n=name, g=gnode: _parse_guest(n, g), None)
         if parsed is None:
             continue
         guest, anodes, mnode = parsed
@@ -509,7 +491,7 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
     src = DEFAULT_CONFIG if builtin else Path(path)  # type: ignore[arg-type]
     privileged = _root(as_root)
     out = _Partial()
-    problems = _Problems()
+    problems = Problems()
     try:
         root = load_yaml(src, "config file")
         # Messages keep the file name as the user wrote it; paths inside it become absolute so a
@@ -541,39 +523,39 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
         gnode = top["guests"]
         if gnode.is_map():
             out.guest_names = {k for k in gnode.value if isinstance(k, str) and k != UNKNOWN}
-        guests = problems.run(lambda: _parse_guests(gnode, problems), {})
+        guests = problems.attempt(lambda: _parse_guests(gnode, problems), {})
 
     policy_path: Path | None = None
     # A misspelt `policy:` must not get the allow-all default checked in its place.
     out.policy_file = None if unknown_keys else DEFAULT_POLICY
     if "policy" in top:
-        paths = problems.run(lambda: _parse_policy_path(top["policy"], src.parent), None)
+        paths = problems.attempt(lambda: _parse_policy_path(top["policy"], src.parent), None)
         policy_path, out.policy_file = paths if paths is not None else (None, None)
 
-    audit = problems.run(lambda: _parse_audit(top["audit"], privileged), None) if "audit" in top else None
+    audit = problems.attempt(lambda: _parse_audit(top["audit"], privileged), None) if "audit" in top else None
     if audit is None:
         audit = AuditSettings(default_audit_path(privileged))
-    admin = problems.run(lambda: _parse_admin(top["admin"]), None) if "admin" in top else None
+    admin = problems.attempt(lambda: _parse_admin(top["admin"]), None) if "admin" in top else None
     admin = admin or AdminSettings()
-    gateway = problems.run(lambda: _parse_gateway(top["gateway"]), None) if "gateway" in top else None
-    user = problems.run(lambda: _parse_user(top["user"]), None) if "user" in top else default_user()
+    gateway = problems.attempt(lambda: _parse_gateway(top["gateway"]), None) if "gateway" in top else None
+    user = problems.attempt(lambda: _parse_user(top["user"]), None) if "user" in top else default_user()
     state_dir = (
-        problems.run(lambda: _parse_state_dir(top["state_dir"]), None) if "state_dir" in top else None
+        problems.attempt(lambda: _parse_state_dir(top["state_dir"]), None) if "state_dir" in top else None
     ) or default_state_dir(privileged)
 
     response: dict[str, Any] = {}
     if "detect" in top:
         from proxyvm.detect import parse_detect
 
-        response["detect"] = problems.run(lambda: parse_detect(top["detect"]), None)
+        response["detect"] = problems.attempt(lambda: parse_detect(top["detect"]), None)
     if "quarantine" in top:
         from proxyvm.quarantine import parse_quarantine
 
-        response["quarantine"] = problems.run(lambda: parse_quarantine(top["quarantine"]), None)
+        response["quarantine"] = problems.attempt(lambda: parse_quarantine(top["quarantine"]), None)
     if "fleet" in top:
         from proxyvm.fleet import parse_fleet
 
-        response["fleet"] = problems.run(lambda: parse_fleet(top["fleet"]), None)
+        response["fleet"] = problems.attempt(lambda: parse_fleet(top["fleet"]), None)
 
     sections: dict[str, Any] = {}
     unavailable: list[str] = []
@@ -588,10 +570,10 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
                 unavailable.append(name)
                 continue
         key = _key_node(root, name, node)
-        sections[name] = problems.run(lambda n=name, k=key, v=node: _parse_section(n, k, v, base), None)
+        sections[name] = problems.attempt(lambda n=name, k=key, v=node: _parse_section(n, k, v, base), None)
 
     # Report in file order, whichever part found them (sorted() is stable for equal places).
-    out.problems = sorted(problems.list, key=lambda p: (p.file != root.file, p.file, p.line, p.col))
+    out.problems = sorted(problems.items, key=lambda p: (p.file != root.file, p.file, p.line, p.col))
     if out.problems:
         return out
     out.config = Config(

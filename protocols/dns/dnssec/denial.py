@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -61,6 +61,25 @@ class _TypeName:
 
 def _bogus(reason: str) -> DenialOutcome:
     return DenialOutcome(Denial.BOGUS, reason, EDE.NSEC_MISSING)
+
+
+def _nodata_by_bitmap(kind: str, name: dns.name.Name, rdtype: int, tname: object,
+                      types: Container[int]) -> DenialOutcome:
+    """NODATA from the type bitmap of the NSEC / NSEC3 record that matches `name` (RFC 4035
+    §5.4, RFC 5155 §8.5-8.6): the type and CNAME absent, and the record from the right side of a
+    zone cut (a DS denial comes from the parent, anything else not from a delegation point)."""
+    at = "at" if kind == "NSEC" else "for"
+    if rdtype in types:
+        return _bogus(f"{kind} {at} {name} lists {tname}")
+    if CNAME in types and rdtype != CNAME:
+        return _bogus(f"{kind} {at} {name} lists CNAME")
+    delegation = NS in types and SOA not in types
+    if rdtype == DS:
+        if SOA in types and name != dns.name.root:
+            return _bogus(f"{kind} for {name} DS comes from the child zone")
+    elif delegation:
+        return _bogus(f"{kind} {at} {name} is the parent's delegation record")
+    return DenialOutcome(Denial.SECURE, f"{kind} proves the type does not exist", delegation=delegation)
 
 
 def _types(rrset: dns.rrset.RRset) -> set[int]:
@@ -127,18 +146,7 @@ class NSECProof:
         tname = _TypeName(rdtype)
         m = self._matching(name)
         if m is not None:
-            _, _, types = m
-            if rdtype in types:
-                return _bogus(f"NSEC at {name} lists {tname}")
-            if CNAME in types and rdtype != CNAME:
-                return _bogus(f"NSEC at {name} lists CNAME")
-            delegation = NS in types and SOA not in types
-            if rdtype == DS:
-                if SOA in types and name != dns.name.root:
-                    return _bogus(f"NSEC for {name} DS comes from the child zone")
-            elif delegation:
-                return _bogus(f"NSEC at {name} is the parent's delegation record")
-            return DenialOutcome(Denial.SECURE, "NSEC proves the type does not exist", delegation=delegation)
+            return _nodata_by_bitmap("NSEC", name, rdtype, tname, m[2])
         # Empty non-terminal: an NSEC whose next name lies below `name` proves `name` exists without data.
         for owner, nxt, _ in self.records:
             if owner < name < nxt and nxt.is_subdomain(name):
@@ -272,18 +280,7 @@ class NSEC3Proof:
         tname = _TypeName(rdtype)
         m = self._matching(name)
         if m is not None:
-            types = m[2]
-            if rdtype in types:
-                return _bogus(f"NSEC3 for {name} lists {tname}")
-            if CNAME in types and rdtype != CNAME:
-                return _bogus(f"NSEC3 for {name} lists CNAME")
-            delegation = NS in types and SOA not in types
-            if rdtype == DS:
-                if SOA in types and name != dns.name.root:
-                    return _bogus(f"NSEC3 for {name} DS comes from the child zone")
-            elif delegation:
-                return _bogus(f"NSEC3 for {name} is the parent's delegation record")
-            return DenialOutcome(Denial.SECURE, "NSEC3 proves the type does not exist", delegation=delegation)
+            return _nodata_by_bitmap("NSEC3", name, rdtype, tname, m[2])
         ce, cov = self._closest_encloser(name)
         if ce is None:
             return _bogus(str(cov))
