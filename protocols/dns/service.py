@@ -431,7 +431,7 @@ class DNSService:
                 self.dnssec_outcomes[extra["dnssec"]] += 1
         self.ctx.record(d, guest=guest, src=src, protocol="dns", request={"qname": qname, "qtype": qtype},
                         upstream=upstream, orig_dst=getattr(src, "orig", None), elapsed=self.clock() - t0,
-                        rcode=rcode_text(rcode), **extra)
+                        rcode=rcode_text(rcode), fields=extra)
 
     def _audit_error(self, src: tuple[Any, ...], t0: float, rcode: int, why: str, q: wire.Query | None = None) -> None:
         """A query refused for its form (FORMERR, NOTIMP, BADVERS) is a decision too: audited."""

@@ -249,7 +249,7 @@ class PolicyAddon:
         count_traffic(self.traffic, st.protocol, status, extra)
         self.ctx.record(st.decision, guest=st.info.guest, src=st.info.src, protocol=st.protocol, request=st.request,
                         upstream=upstream, orig_dst=st.info.orig_dst, elapsed=time.monotonic() - st.started,
-                        status=status, **extra)
+                        status=status, fields=extra)
         self.emitted += 1
 
     def _emit_plain(self, info: ConnInfo, protocol: str, decision: Decision, request: dict[str, str],

@@ -559,7 +559,7 @@ class SNMPService:
         if orig_dst is not None:
             extra = {k: v for k, v in extra.items() if k != "orig_dst"}
         self.ctx.record(decision, guest=guest, src=src, protocol="snmp", request=request, upstream=upstream,
-                        orig_dst=orig_dst, elapsed=time.perf_counter() - t0, status=status, **extra)
+                        orig_dst=orig_dst, elapsed=time.perf_counter() - t0, status=status, fields=extra)
         key = f"{request.get('op') or 'unknown'}/{_outcome(str(decision.verdict), status)}"
         if key in self.by_op or len(self.by_op) < 256:
             self.by_op[key] = self.by_op.get(key, 0) + 1

@@ -68,6 +68,20 @@ CASES: list[tuple[str, dict[str, Any], list[str], dict[str, Any]]] = [
         {"src": "198.18.0.20:25", "upstream": None, "event": "rcpt"},
     ),
     (
+        "a fields dict follows the keywords (no re-packing of a service's own dict)",
+        {"src": ("198.18.0.10", 53), "protocol": "dns", "elapsed": 0.001, "rcode": "NOERROR",
+         "fields": {"cache": "miss", "ede": 15}},
+        ["ts", *HEAD, "rcode", "duration_ms", "cache", "ede", "policy"],
+        {"cache": "miss", "ede": 15, "duration_ms": 1.0},
+    ),
+    (
+        "only a fields dict: duration_ms after its first field, orig_dst after it",
+        {"src": "198.18.0.30:161", "orig_dst": ("fd00::161", 161), "protocol": "snmp", "elapsed": 0.002,
+         "fields": {"status": "noError", "past_view": 2}},
+        ["ts", *HEAD, "status", "duration_ms", "past_view", "orig_dst", "policy"],
+        {"status": "noError", "orig_dst": "[fd00::161]:161", "duration_ms": 2.0},
+    ),
+    (
         "elapsed and no extras",
         {"src": ("198.18.0.30", 161), "protocol": "snmp", "elapsed": 0.001},
         ["ts", *HEAD, "duration_ms", "policy"],
