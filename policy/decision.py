@@ -1,6 +1,7 @@
 """The one answer the policy gives: `Decision`.
 
-Owns: the verdict vocabulary, stable reason codes, and the audit fields a decision contributes.
+Owns: the verdict vocabulary, stable reason codes, the audit fields a decision contributes, and
+the one factory for built-in decisions (`builtin`, with its `at` convention).
 Must not: evaluate rules (see `policy.engine`) or know about sockets and protocols.
 """
 
@@ -102,3 +103,11 @@ def decision_factory(
         return d
 
     return make
+
+
+def builtin(service: str, rule: str, detail: str, verdict: Verdict = Verdict.DENY, *, table: str = "") -> Decision:
+    """The one factory for a decision a service makes itself, not a rule of the policy file
+    (malformed input, limits, SSRF guard, upstream failure, quarantine): `rule` is the check's id,
+    `at` the service's name (`dns`, `smtp`, `snmp`, `http`), or `<service>.<table>` when a table
+    other than the policy decided (`dns.quarantine`)."""
+    return make_decision(verdict, ReasonCode.RULE, rule, f"{service}.{table}" if table else service, detail)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from policy.decision import Decision, ReasonCode, Verdict
+from policy.decision import Decision, builtin
 
 RULE = "quarantine"
 DEFAULT_RECORD_MAX = 50 * 1000**2
@@ -48,7 +48,7 @@ def decision(protocol: str, guest: str, entry: dict[str, Any], answer: str = "")
     detail = f"guest {guest} is quarantined ({profile}, by {entry.get('by', '?')}): {why}"
     if answer:
         detail += f"; {answer}"
-    return Decision(Verdict.DENY, ReasonCode.RULE, RULE, f"{protocol}.quarantine", detail)
+    return builtin(protocol, RULE, detail, table="quarantine")
 
 
 def refusal_text(guest: str, entry: dict[str, Any], limit: int = 200) -> str:

@@ -13,11 +13,12 @@ import datetime as dt
 import hashlib
 import json
 import os
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from protocols.base import MilliClock  # noqa: F401 - the audit ts clock, shared with the services
 
 GENESIS = "0" * 64
 # Keys written first, in this order (docs/audit.md); anything else follows, `prev` is always last.
@@ -28,24 +29,6 @@ _ORDER_REST = _ORDER[1:]
 def now_iso(t: float | None = None) -> str:
     d = dt.datetime.fromtimestamp(t, dt.UTC) if t is not None else dt.datetime.now(dt.UTC)
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
-
-
-class MilliClock:
-    """`now_iso()` for a hot path: the text is built once per millisecond, not once per record."""
-
-    __slots__ = ("_ms", "_text")
-
-    def __init__(self) -> None:
-        self._ms = -1
-        self._text = ""
-
-    def __call__(self) -> str:
-        t = time.time()
-        ms = int(t * 1000)
-        if ms != self._ms:
-            self._ms = ms
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
-        return self._text
 
 
 def line_hash(line: bytes) -> str:

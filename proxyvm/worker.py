@@ -26,10 +26,9 @@ from typing import Any
 import orjson
 
 from policy import load_policy
-from protocols.base import reload_service
+from protocols.base import MilliClock, reload_service, stamp_record
 from protocols.quarantine import apply_table
 from proxyvm import channel
-from proxyvm.audit import MilliClock
 from proxyvm.config import load_all
 from proxyvm.inventory import Inventory
 from proxyvm.services import load_service_class
@@ -58,7 +57,9 @@ def encode_record(record: dict[str, Any]) -> bytes:
 class ChannelAudit:
     """AuditSink that encodes every record once, here (orjson), and hands the lines to the
     supervisor in the same event-loop iteration: the supervisor adds `seq` and `prev` without
-    decoding. `emit` never blocks and never raises.
+    decoding. `emit` never blocks and never raises. Records come complete from
+    `ServiceContext.record`/`event` (`ts`, digest); one without `ts` gets both here
+    (`protocols.base.stamp_record`), at the cost of a copy.
 
     Frame on the channel: `\x1e<length>\n` then `length` bytes of lines, one per record:
     `kind \t protocol \t guest \t verdict \t rule \t duration_ms \t <JSON object>` (the fields
@@ -68,7 +69,7 @@ class ChannelAudit:
         self.buf = bytearray()
         self.pending = 0  # records in buf
         self.dropped = 0
-        self.policy = ""  # digest of the policy in force, stamped on every decision record
+        self.policy = ""  # digest stamped on a decision record that arrives without `ts` (stamp_record)
         self.writer: asyncio.StreamWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
@@ -82,14 +83,8 @@ class ChannelAudit:
         if len(self.buf) >= AUDIT_BUFFER_MAX:
             self.dropped += 1
             return
-        # One copy at most: `ts` first, and the policy digest on decisions (protocols.base.stamp_policy).
-        stamp = "kind" not in record and "policy" not in record and self.policy
-        if "ts" not in record:
-            record = {"ts": self._ts(), **record}
-            if stamp:
-                record["policy"] = self.policy
-        elif stamp:
-            record = {**record, "policy": self.policy}
+        if "ts" not in record:  # not built by ServiceContext: one copy
+            record = stamp_record(record, self._ts(), self.policy)
         g = record.get
         self.buf += (f"{g('kind') or ''}\t{g('protocol') or ''}\t{g('guest') or ''}\t{g('verdict') or ''}\t"
                      f"{g('rule') or ''}\t{g('duration_ms') or ''}\t").encode() + encode_record(record) + b"\n"
@@ -168,7 +163,6 @@ class Worker:
         cls = load_service_class(self.name)
         self.inventory = Inventory(config.guests)
         self.engine = engine
-        self.audit.policy = getattr(engine, "digest", "")
         ctx = ServiceContext(
             settings=settings,
             engine=engine,
@@ -177,7 +171,9 @@ class Worker:
             log=self.log,
             config=config,
             state_dir=config.state_dir,
+            timestamp=MilliClock(),
         )
+        self._set_policy(ctx, getattr(engine, "digest", ""))
         self.service = cls(ctx)
         self.ctx = ctx
         try:
@@ -208,6 +204,11 @@ class Worker:
         except (ConnectionError, TimeoutError):
             pass
         return 0
+
+    def _set_policy(self, ctx: Any, digest: str) -> None:
+        """The digest of the policy in force: ServiceContext.record stamps it on decisions (the
+        sink's fallback for a record without `ts` uses the same one)."""
+        ctx.policy = self.audit.policy = digest
 
     def _send_audit(self) -> None:
         self.audit.flush()
@@ -268,11 +269,12 @@ class Worker:
             previous = Inventory()
             previous.replace(self.inventory)
             self.inventory.replace(inventory)
-            old_digest, self.audit.policy = self.audit.policy, getattr(engine, "digest", "")
+            old_digest = self.ctx.policy
+            self._set_policy(self.ctx, getattr(engine, "digest", ""))
             try:
                 await reload_service(self.service, self.engine, getattr(config, self.name), engine)
             except BaseException:
-                self.audit.policy = old_digest
+                self._set_policy(self.ctx, old_digest)
                 self.inventory.replace(previous)
                 raise
             self.engine = engine

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import dns.rcode
 import dns.rdatatype
 
-from policy.decision import Decision, ReasonCode, Verdict
+from policy.decision import Decision, ReasonCode, Verdict, builtin
 from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext
@@ -49,7 +49,7 @@ _PARSED_MAX = 4096  # memo of parsed queries by their bytes after the ID  # a gu
 
 def _builtin(verdict: Verdict, rule: str, detail: str) -> Decision:
     """A decision the DNS service makes itself (protocol limits, rebinding protection)."""
-    return Decision(verdict, ReasonCode.RULE, rule, "dns", detail)
+    return builtin("dns", rule, detail, verdict)
 
 
 _qtype_text: dict[int, str] = {}
@@ -422,29 +422,16 @@ class DNSService:
         self, d: Decision, guest: str, src: tuple[Any, ...], qname: str, qtype: str, t0: float, *,
         rcode: int, upstream: dict[str, Any] | None = None, **extra: Any,
     ) -> None:
-        """Emit the query's audit record: exactly what `protocols.base.audit_record` builds (a test
-        holds them equal), written out as one dict literal because this runs once per query."""
-        dt = self.clock() - t0
-        verdict = d.verdict.value
-        rec = {
-            "guest": guest, "src": hostport(src[0], src[1]), "protocol": "dns", "verdict": verdict,
-            "rule": d.rule, "at": d.at, "reason": d.detail, "request": {"qname": qname, "qtype": qtype},
-            "upstream": upstream, "rcode": rcode_text(rcode), "duration_ms": int(dt * 1e6) / 1000,
-        }
+        """Audit the query (ServiceContext.record) and count it for /metrics."""
         self.rcodes[rcode] += 1
         if extra:
-            rec.update(extra)
             if extra.get("ede") is not None:
                 self.edes[extra["ede"]] += 1
             if extra.get("dnssec"):
                 self.dnssec_outcomes[extra["dnssec"]] += 1
-        orig = getattr(src, "orig", None)
-        if orig:
-            rec["orig_dst"] = orig
-        self.ctx.audit.emit(rec)
-        obs = self.ctx.observe
-        if obs is not None:
-            obs("dns", guest, verdict, d.rule, dt)
+        self.ctx.record(d, guest=guest, src=src, protocol="dns", request={"qname": qname, "qtype": qtype},
+                        upstream=upstream, orig_dst=getattr(src, "orig", None), elapsed=self.clock() - t0,
+                        rcode=rcode_text(rcode), fields=extra)
 
     def _audit_error(self, src: tuple[Any, ...], t0: float, rcode: int, why: str, q: wire.Query | None = None) -> None:
         """A query refused for its form (FORMERR, NOTIMP, BADVERS) is a decision too: audited."""

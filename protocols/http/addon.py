@@ -32,10 +32,10 @@ from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from OpenSSL import SSL
 
-from policy.decision import Decision, ReasonCode, Verdict
+from policy.decision import Decision, ReasonCode, Verdict, builtin, make_decision
 from protocols import quarantine
 from protocols.addr import hostport
-from protocols.base import ServiceContext, audit_record
+from protocols.base import ServiceContext, duration_ms
 from protocols.http import core, layers
 from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
@@ -161,8 +161,9 @@ class FlowState:
     pending: dict[str, Any] | None = None  # response done while the request body still streams
 
 
-def _decision(verdict: Verdict, rule: str, detail: str, at: str = "(built-in)") -> Decision:
-    return Decision(verdict, ReasonCode.RULE, rule, at, detail)
+def _decision(verdict: Verdict, rule: str, detail: str) -> Decision:
+    """A decision the HTTP service makes itself (http, ws and tls alike): `at: http`."""
+    return builtin("http", rule, detail, verdict)
 
 
 def _status_text(status: int, text: str) -> http.Response:
@@ -245,28 +246,11 @@ class PolicyAddon:
         if st.audited:
             return
         st.audited = True
-        rec = audit_record(
-            st.decision,
-            guest=st.info.guest,
-            src=st.info.src,
-            protocol=st.protocol,
-            request=st.request,
-            upstream=upstream,
-            status=status,
-            duration_ms=round((time.monotonic() - st.started) * 1000, 1),
-            **extra,
-        )
-        if st.info.orig_dst:
-            rec["orig_dst"] = hostport(*st.info.orig_dst[:2])
-        self.ctx.audit.emit(rec)
-        self.emitted += 1
         count_traffic(self.traffic, st.protocol, status, extra)
-        if self.ctx.observe is not None:
-            try:
-                self.ctx.observe(st.protocol, st.info.guest, str(st.decision.verdict), st.decision.rule,
-                                 time.monotonic() - st.started)
-            except Exception:  # an observer must not break serving
-                self.log.debug("observe hook failed", exc_info=True)
+        self.ctx.record(st.decision, guest=st.info.guest, src=st.info.src, protocol=st.protocol, request=st.request,
+                        upstream=upstream, orig_dst=st.info.orig_dst, elapsed=time.monotonic() - st.started,
+                        status=status, fields=extra)
+        self.emitted += 1
 
     def _emit_plain(self, info: ConnInfo, protocol: str, decision: Decision, request: dict[str, str],
                     **extra: Any) -> None:
@@ -304,7 +288,6 @@ class PolicyAddon:
             Verdict.DENY,
             "ssrf_guard",
             f"{key} {value} resolves to {cls} address {ip}; only a rule naming it may allow it",
-            "http.ssrf_guard",
         )
 
     def _is_self(self, ip: str, port: int) -> bool:
@@ -433,7 +416,7 @@ class PolicyAddon:
 
     def _tunnel_end(self, st: FlowState, bytes_in: int, bytes_out: int, error: str) -> None:
         """The second record of a spliced tunnel: bytes each way, duration, and why it failed."""
-        rec = audit_record(
+        self.ctx.record(  # a follow-up of the tunnel's decision: its lifetime is no request latency
             st.decision,
             guest=st.info.guest,
             src=st.info.src,
@@ -444,10 +427,9 @@ class PolicyAddon:
             event="closed",
             bytes_in=bytes_in,
             bytes_out=bytes_out,
-            duration_ms=round((time.monotonic() - st.started) * 1000, 1),
+            duration_ms=duration_ms(time.monotonic() - st.started),
             **({"error": error[:200]} if error else {}),
         )
-        self.ctx.audit.emit(rec)
 
     @_fail_closed("flow")
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -560,8 +542,9 @@ class PolicyAddon:
         if limit:
             length = req.headers.get("content-length", "")
             if length.isdigit() and int(length) > limit:
-                st.decision = _decision(Verdict.DENY, d.rule if d.limits.get("max_body") else "limits.body",
-                                        f"request body of {length} bytes over the {limit} byte limit", d.at)
+                why = f"request body of {length} bytes over the {limit} byte limit"
+                st.decision = (make_decision(Verdict.DENY, ReasonCode.RULE, d.rule, d.at, why)  # the rule's max_body
+                               if d.limits.get("max_body") else _decision(Verdict.DENY, "limits.body", why))
                 flow.response = _status_text(413, f"413 request body over the {limit} byte limit")
                 return
             flow.metadata[layers.MD_BODY_LIMIT] = limit
@@ -725,7 +708,9 @@ class PolicyAddon:
         if st is None or ws is None:
             return
         info = st.info
-        rec = audit_record(
+        bytes_in = flow.metadata.get(layers.MD_BYTES_IN, 0)
+        bytes_out = flow.metadata.get(layers.MD_BYTES_OUT, 0)
+        self.ctx.record(  # a follow-up of the upgrade's decision: its lifetime is no request latency
             st.decision,
             guest=info.guest,
             src=info.src,
@@ -735,14 +720,13 @@ class PolicyAddon:
             status=flow.metadata.get(layers.MD_STATUS, 101),
             event="closed",
             close_code=ws.close_code,
-            bytes_in=flow.metadata.get(layers.MD_BYTES_IN, 0),
-            bytes_out=flow.metadata.get(layers.MD_BYTES_OUT, 0),
-            duration_ms=round((time.monotonic() - st.started) * 1000, 1),
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_ms=duration_ms(time.monotonic() - st.started),
         )
-        self.ctx.audit.emit(rec)
         self.traffic["ws_closed"] += 1
-        self.traffic["bytes_in"] += int(rec.get("bytes_in") or 0)
-        self.traffic["bytes_out"] += int(rec.get("bytes_out") or 0)
+        self.traffic["bytes_in"] += int(bytes_in or 0)
+        self.traffic["bytes_out"] += int(bytes_out or 0)
 
     @_fail_closed("server")
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocols.base import stamp_policy
+from protocols.base import MilliClock
 
 _LEN = struct.Struct("!I")
 _REPO = str(Path(__file__).resolve().parents[2])
@@ -231,28 +231,20 @@ class WorkerPool:
 
 
 class PipeAudit:
-    """Child-side AuditSink: batches records to the parent. Never blocks, never raises."""
+    """Child-side AuditSink: batches records to the parent, as the child's ServiceContext built them
+    (`ts` and this child's policy digest included). Never blocks, never raises."""
 
     MAX = 100_000
 
     def __init__(self) -> None:
         self.buf: list[dict[str, Any]] = []
         self.dropped = 0
-        self.policy = ""  # digest of this child's policy, stamped on its decision records
 
     def emit(self, record: dict[str, Any]) -> None:
         if len(self.buf) >= self.MAX:
             self.dropped += 1
             return
-        if "ts" not in record:
-            record = {"ts": _now_iso(), **record}
-        record = stamp_policy(record, self.policy)
         self.buf.append(record)
-
-
-def _now_iso() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def _drop_privileges(user: str | None) -> None:
@@ -282,7 +274,6 @@ async def _child(channel_fd: int) -> int:
     log = logging.getLogger("proxyvm.http.worker")
     audit = PipeAudit()
     engine = load_policy(spec.policy_file, guests=spec.guest_names)
-    audit.policy = engine.digest
     ctx = ServiceContext(
         settings=spec.settings,
         engine=engine,
@@ -291,6 +282,8 @@ async def _child(channel_fd: int) -> int:
         log=log,
         config=_DNSOnly(spec.dns),
         state_dir=Path(spec.state_dir),
+        policy=engine.digest,
+        timestamp=MilliClock(),
     )
     svc = HTTPService(ctx)
     svc.inherited = {k: [socket.socket(fileno=fd) for fd in fds] for k, fds in spec.fds.items()}
@@ -328,7 +321,7 @@ async def _child(channel_fd: int) -> int:
                 replace = getattr(ctx.guests, "replace", None)
                 if replace is not None and msg.get("guests") is not None:
                     replace(msg["guests"])  # new guest addresses, as in the parent
-                audit.policy = new.digest
+                ctx.policy = new.digest
                 await reload_service(svc, ctx.engine, msg["settings"], new)
             elif msg.get("t") == "quarantine":
                 apply_table(ctx, svc, msg.get("table"))

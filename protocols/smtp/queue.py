@@ -15,8 +15,8 @@ import contextlib
 import heapq
 import logging
 from collections.abc import Callable
-from typing import Any
 
+from protocols.base import ServiceContext
 from protocols.smtp.delivery import DEFERRED, DELIVERED, FAILED, Attempt, Deliverer
 from protocols.smtp.dsn import build_dsn
 from protocols.smtp.settings import SMTPSettings
@@ -50,12 +50,12 @@ def tls_failure_kind(alarm: str) -> str:
     return "handshake"
 
 class QueueRunner:
-    def __init__(self, spool: Spool, deliverer: Deliverer, settings: SMTPSettings, audit: Any,
+    def __init__(self, spool: Spool, deliverer: Deliverer, settings: SMTPSettings, ctx: ServiceContext,
                  log: logging.Logger, clock: Callable[[], float]):
         self.spool = spool
         self.deliverer = deliverer
         self.settings = settings
-        self.audit = audit
+        self.ctx = ctx  # audit through ctx.event (kind: delivery)
         self.log = log
         self.clock = clock
         self.entries: dict[str, SpoolEntry] = {}
@@ -265,13 +265,12 @@ class QueueRunner:
                 self.log.error("smtp: cannot spool bounce for %s (%s); retrying", env.id, e)
                 await asyncio.sleep(5)
         self.bounced += 1
-        self.audit.emit({
-            "kind": "delivery",  # what became of accepted mail: not a decision
-            "guest": env.guest, "src": env.src, "protocol": "smtp", "verdict": "allow", "rule": "dsn", "at": "",
-            "reason": f"bounce for message {env.id}: {'expired after retry.max_age' if expired else 'rejected by peer'}",
-            "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(failed)},
-            "upstream": None, "event": "dsn", "dsn_id": dsn_env.id,
-        })
+        self.ctx.event(  # what became of accepted mail: not a decision
+            "delivery", guest=env.guest, src=env.src, protocol="smtp", verdict="allow", rule="dsn", at="",
+            reason=f"bounce for message {env.id}: {'expired after retry.max_age' if expired else 'rejected by peer'}",
+            request={"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(failed)},
+            event="dsn", dsn_id=dsn_env.id,
+        )
         self.submit(dsn_entry, body)
 
     async def _remove_finished(self) -> None:
@@ -294,35 +293,29 @@ class QueueRunner:
     def _audit_attempt(self, entry: SpoolEntry, a: Attempt) -> None:
         env = entry.envelope
         rule, at = self._rule(env)
-        rec: dict[str, Any] = {
-            "kind": "delivery",  # what became of accepted mail: not a decision
-            "guest": env.guest, "src": env.src, "protocol": "smtp",
-            "verdict": "allow", "rule": rule, "at": at,
-            "reason": f"delivery attempt to {a.peer}: {a.outcome}",
-            "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(a.rcpts)},
-            "upstream": {"peer": a.peer, "address": a.address, "tls": a.tls or None, "cipher": a.cipher or None,
-                         "verified": bool(a.verified), "verified_by": a.verified or None, "reused": a.reused},
-            "event": "attempt", "reply": a.reply, "outcome": a.outcome,
-        }
         self.attempts[a.outcome] = self.attempts.get(a.outcome, 0) + 1
         if a.alarm:
             kind = tls_failure_kind(a.alarm)
             self.tls_failures[kind] = self.tls_failures.get(kind, 0) + 1
-            rec["alarm"] = a.alarm
             self.log.warning("smtp: ALARM %s (message %s)", a.alarm, env.id)
-        self.audit.emit(rec)
+        self.ctx.event(  # what became of accepted mail: not a decision
+            "delivery", guest=env.guest, src=env.src, protocol="smtp", verdict="allow", rule=rule, at=at,
+            reason=f"delivery attempt to {a.peer}: {a.outcome}",
+            request={"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(a.rcpts)},
+            upstream={"peer": a.peer, "address": a.address, "tls": a.tls or None, "cipher": a.cipher or None,
+                      "verified": bool(a.verified), "verified_by": a.verified or None, "reused": a.reused},
+            event="attempt", reply=a.reply, outcome=a.outcome, **({"alarm": a.alarm} if a.alarm else {}),
+        )
 
     def _audit_final(self, entry: SpoolEntry, delivered: list[str], failed: list[str], expired: bool) -> None:
         env = entry.envelope
         rule, at = self._rule(env)
         outcome = "delivered" if not failed else ("expired" if expired else ("failed" if not delivered else "partial"))
         self.finals[outcome] = self.finals.get(outcome, 0) + 1
-        self.audit.emit({
-            "kind": "delivery",  # what became of accepted mail: not a decision
-            "guest": env.guest, "src": env.src, "protocol": "smtp", "verdict": "allow", "rule": rule, "at": at,
-            "reason": f"message {env.id} {outcome} after {entry.state.attempts} attempt(s)",
-            "request": {"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(env.rcpts),
-                        "size": env.size, "message_id": env.message_id},
-            "upstream": None, "event": "final", "outcome": outcome,
-            "delivered": delivered, "failed": failed,
-        })
+        self.ctx.event(  # what became of accepted mail: not a decision
+            "delivery", guest=env.guest, src=env.src, protocol="smtp", verdict="allow", rule=rule, at=at,
+            reason=f"message {env.id} {outcome} after {entry.state.attempts} attempt(s)",
+            request={"message": env.id, "mail_from": env.mail_from, "rcpt_to": list(env.rcpts),
+                     "size": env.size, "message_id": env.message_id},
+            event="final", outcome=outcome, delivered=delivered, failed=failed,
+        )

@@ -30,7 +30,7 @@ from aiosmtpd.smtp import Envelope as AioEnvelope
 
 from protocols import quarantine
 from protocols.addr import hostport
-from protocols.base import ServiceContext, audit_record
+from protocols.base import ServiceContext
 from protocols.smtp.delivery import Deliverer
 from protocols.smtp.queue import QueueRunner
 from protocols.smtp.resolver import MailResolver, make_resolver
@@ -466,8 +466,7 @@ class GuestHandler:
         if qt and guest in qt:  # quarantined: no rule applies (docs/cli.md#quarantine-and-release)
             return self._quarantined_rcpt(envelope, qt[guest], guest, src, address, rcpt_options, request)
         d = self.service.engine.decide("smtp", guest=guest, request=request)
-        self.service.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request,
-                                                 upstream=None, event="rcpt"))
+        self.service.ctx.record(d, guest=guest, src=src, protocol="smtp", request=request, event="rcpt")
         if not d.allowed:
             if str(d.code) == "rate_limited":
                 return f"451 4.7.1 <{address}>: rate limit of rule {d.rule} exceeded; try again later"
@@ -490,8 +489,7 @@ class GuestHandler:
         honeypot = qe.get("profile") == "honeypot"
         d = quarantine.decision("smtp", guest, qe, "accepted into the quarantine spool" if honeypot else "")
         extra = {"quarantine": "honeypot"} if honeypot else {}
-        self.service.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request,
-                                                 upstream=None, event="rcpt", **extra))
+        self.service.ctx.record(d, guest=guest, src=src, protocol="smtp", request=request, event="rcpt", **extra)
         if not honeypot:
             return f"550 5.7.1 <{address}>: {quarantine.refusal_text(guest, qe)}"
         envelope.honeypot = True
@@ -513,8 +511,7 @@ class GuestHandler:
         request: dict[str, Any] = {"mail_from": mail_from, "rcpt_to": rcpts, "size": len(content)}
         if qe.get("profile") != "honeypot":
             d = quarantine.decision("smtp", guest, qe)
-            svc.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request,
-                                            upstream=None, event="data"))
+            svc.ctx.record(d, guest=guest, src=src, protocol="smtp", request=request, event="data")
             return f"550 5.7.1 {quarantine.refusal_text(guest, qe)}"
         now = svc.ctx.clock()
         ident = new_id(now)
@@ -530,8 +527,8 @@ class GuestHandler:
         svc.honeypot_recorder.record(guest, qe, "smtp", {"src": src, "message": ident, "file": str(path),
                                                          "helo": meta["helo"], "mail_from": mail_from,
                                                          "rcpt_to": rcpts, "size": len(content)})
-        svc.ctx.audit.emit(audit_record(d, guest=guest, src=src, protocol="smtp", request=request, upstream=None,
-                                        event="accepted", quarantine="honeypot"))
+        svc.ctx.record(d, guest=guest, src=src, protocol="smtp", request=request, event="accepted",
+                       quarantine="honeypot")
         return f"250 2.0.0 Ok: queued as {ident}"
 
     async def handle_DATA(self, server: GuestSMTP, session: Any, envelope: Transaction) -> str:
@@ -569,11 +566,10 @@ class GuestHandler:
             entry = await asyncio.to_thread(svc.spool.store, env, message)
         except SpoolError as e:
             svc.ctx.log.error("smtp: cannot spool message from %s: %s", guest, e)
-            svc.ctx.audit.emit(audit_record(first, guest=guest, src=src, protocol="smtp", request=request,
-                                            upstream=None, event="spool_failed", error=str(e)))
+            svc.ctx.record(first, guest=guest, src=src, protocol="smtp", request=request, event="spool_failed",
+                           error=str(e))
             return "452 4.3.1 Error: insufficient system storage; message not accepted, try again later"
-        svc.ctx.audit.emit(audit_record(first, guest=guest, src=src, protocol="smtp", request=request,
-                                        upstream=None, event="accepted"))
+        svc.ctx.record(first, guest=guest, src=src, protocol="smtp", request=request, event="accepted")
         svc.accepted += 1
         svc.runner.submit(entry, message)
         return f"250 2.0.0 Ok: queued as {ident}"
@@ -629,7 +625,7 @@ class SMTPService:
         resolver = self._resolver or make_resolver(self.ctx.config)
         deliverer = Deliverer(s, resolver, log=self.ctx.log, clock=self.ctx.clock, state_dir=self.ctx.state_dir,
                               mx_port=self._mx_port, sts_port=self._sts_port)
-        self.runner = QueueRunner(self.spool, deliverer, s, self.ctx.audit, self.ctx.log, self.ctx.clock)
+        self.runner = QueueRunner(self.spool, deliverer, s, self.ctx, self.ctx.log, self.ctx.clock)
         self.runner.load(entries)
         self.runner.busy_guests = lambda: len(self.handler.sessions)
         loop = asyncio.get_running_loop()

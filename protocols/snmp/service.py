@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from policy.decision import Decision, ReasonCode, Verdict
+from policy.decision import Decision, ReasonCode, Verdict, builtin
 from protocols import quarantine
 from protocols.addr import addr_text
 from protocols.base import ServiceContext
@@ -50,7 +50,7 @@ V1_SKIP_LIMIT = 32  # GETNEXT re-asks to step over Counter64 for a v1 guest
 
 def _guard(rule: str, detail: str) -> Decision:
     """A decision taken by the service itself (malformed input, limits), not by a policy rule."""
-    return Decision(Verdict.DENY, ReasonCode.RULE, rule, "snmp", detail)
+    return builtin("snmp", rule, detail)
 
 
 @dataclass(slots=True)
@@ -302,12 +302,8 @@ class SNMPService:
     def _drop(self, guest: str, src: str, reason: str, rule: str, *, request: dict[str, Any] | None = None,
               counter: str = "malformed", alarm: str | None = None, orig_dst: tuple[str, int] | None = None) -> None:
         self.counters[counter] += 1
-        rec = _record(_guard(rule, reason), guest, src, request or {}, None, status="dropped")
-        if alarm:
-            rec["alarm"] = alarm
-        if orig_dst:
-            rec["orig_dst"] = addr_text(orig_dst)
-        self.ctx.audit.emit(rec)
+        self.ctx.record(_guard(rule, reason), guest=guest, src=src, protocol="snmp", request=request or {},
+                        orig_dst=orig_dst, status="dropped", **({"alarm": alarm} if alarm else {}))
 
     def _flood(self, guest: str, src: str, now: float, what: str) -> None:
         """Count a flood drop; audit at most one record per guest per second (with the count)."""
@@ -316,9 +312,8 @@ class SNMPService:
         b.dropped += 1
         if now - b.last_audit >= 1.0:
             b.last_audit = now
-            rec = _record(_guard("snmp.limits", f"{what}: {b.dropped} requests dropped from this guest so far"),
-                          guest, src, {}, None, status="dropped")
-            self.ctx.audit.emit(rec)
+            self.ctx.record(_guard("snmp.limits", f"{what}: {b.dropped} requests dropped from this guest so far"),
+                            guest=guest, src=src, protocol="snmp", request={}, status="dropped")
 
     # -- guest requests ----------------------------------------------------------------------
     async def handle_datagram(self, data: bytes, src: tuple[str, int], orig_dst: tuple[str, int] | None = None
@@ -424,7 +419,7 @@ class SNMPService:
                    "oids": [ber.oid_str(vb.oid) for vb in vbs[:OIDS_IN_AUDIT]]}
         extra: dict[str, Any] = {}
         if orig_dst is not None:
-            extra["orig_dst"] = addr_text(orig_dst)
+            extra["orig_dst"] = orig_dst  # formatted by ServiceContext.record (see _audit)
         non_rep = max_rep = 0
         if pdu.tag == ber.GETBULK:
             non_rep = min(max(pdu.error_status, 0), len(vbs))
@@ -560,14 +555,14 @@ class SNMPService:
 
     def _audit(self, decision: Decision, guest: str, src: str, request: dict[str, Any],
                upstream: dict[str, Any] | None, status: str, t0: float, extra: dict[str, Any]) -> None:
-        ms = (time.perf_counter() - t0) * 1000
-        rec = _record(decision, guest, src, request, upstream, status=status, duration_ms=round(ms, 3), **extra)
-        self.ctx.audit.emit(rec)
+        orig_dst = extra.get("orig_dst")
+        if orig_dst is not None:
+            extra = {k: v for k, v in extra.items() if k != "orig_dst"}
+        self.ctx.record(decision, guest=guest, src=src, protocol="snmp", request=request, upstream=upstream,
+                        orig_dst=orig_dst, elapsed=time.perf_counter() - t0, status=status, fields=extra)
         key = f"{request.get('op') or 'unknown'}/{_outcome(str(decision.verdict), status)}"
         if key in self.by_op or len(self.by_op) < 256:
             self.by_op[key] = self.by_op.get(key, 0) + 1
-        if self.ctx.observe is not None:
-            self.ctx.observe("snmp", guest, str(decision.verdict), decision.rule, ms / 1000)
 
     # -- traps and informs -------------------------------------------------------------------
     async def handle_trap(self, data: bytes, src: tuple[str, int], orig_dst: tuple[str, int] | None = None
@@ -754,28 +749,6 @@ def _outcome(verdict: str, status: str) -> str:
     if status == "agent timeout":
         return "timeout"
     return status if status.isalpha() and len(status) <= 24 else "error"
-
-
-def _record(decision: Decision, guest: str, src: str, request: dict[str, Any], upstream: dict[str, Any] | None,
-            **extra: Any) -> dict[str, Any]:
-    rec: dict[str, Any] = {"ts": _ts(), "guest": guest, "src": src, "protocol": "snmp"}
-    rec.update(decision.audit_fields())
-    rec["request"] = request
-    rec["upstream"] = upstream
-    rec.update(extra)
-    return rec
-
-
-_ts_second = [-1, ""]
-
-
-def _ts() -> str:
-    """The audit timestamp (RFC 3339, UTC, milliseconds), formatting the seconds once per second."""
-    now = time.time()
-    sec = int(now)
-    if sec != _ts_second[0]:
-        _ts_second[0], _ts_second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_ts_second[1]}.{int((now - sec) * 1000):03d}Z"
 
 
 def _ver(version: int) -> str:
