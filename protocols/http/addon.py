@@ -5,8 +5,9 @@ upstream addresses), the decision for each request (http / ws), each CONNECT and
 ClientHello (tls), the SSRF guard, upgrading plain requests to verified HTTPS (our own upstream TLS
 context: chain + hostname, SNI = host, TLS >= 1.2), header hygiene, answers made locally (403, 429,
 405, 413, 502 with short text bodies), and exactly one audit record per request / tunnel.
-Must not: bind sockets (the service does), intercept guest TLS (tunnels are spliced untouched), or
-let a request through when a hook fails (every hook is wrapped fail-closed).
+Must not: bind sockets (the service does), intercept guest TLS (tunnels are spliced untouched; only
+a guest in honeypot quarantine has its TLS terminated, by `honeypot.py`), or let a request through
+when a hook fails (every hook is wrapped fail-closed).
 
 Hooks are methods named after mitmproxy hooks; `HOOKS` lists them and `verify_hooks()` checks at
 start-up that each is a real mitmproxy 11 hook, so a typo cannot silently disable a check.
@@ -36,7 +37,7 @@ from policy.decision import Decision, ReasonCode, Verdict, builtin, make_decisio
 from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext, duration_ms
-from protocols.http import core, layers
+from protocols.http import core, honeypot, layers
 from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
 
@@ -63,6 +64,9 @@ HOOKS = (
     "server_connect_error",
     "tls_start_server",
     "tls_established_server",
+    "tls_start_client",  # the three client TLS hooks: honeypot guests only (honeypot.py)
+    "tls_established_client",
+    "tls_failed_client",
 )
 
 # Trust stores tried for "the system store" (the venv's OpenSSL does not know the distro's paths).
@@ -138,6 +142,7 @@ class ConnInfo:
     restore: dict[str, tuple[str, int]] = field(default_factory=dict)  # server id -> name address
     tunnel: FlowState | None = None  # the allowed CONNECT, for the record written when it ends
     waiting: dict[int, tuple[FlowState, Any]] = field(default_factory=dict)  # answered, body still arriving
+    honeypot: honeypot.HoneypotConn | None = None  # TLS terminated for a honeypot guest
 
     def pin(self, host: str, port: int, ip: str) -> None:
         if len(self.pins) >= MAX_PINS:  # one connection naming endless hosts must not grow forever
@@ -213,6 +218,7 @@ class PolicyAddon:
         self.emitted = 0  # records this process wrote (tests see SO_REUSEPORT spreading)
         self._ssl_ctx: SSL.Context | None = None
         self.recorder = quarantine.Recorder(ctx.state_dir)
+        self.honeypot = honeypot.Honeypot(self.recorder, self._emit_plain)
         verify_hooks(self)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -312,6 +318,9 @@ class PolicyAddon:
             nl.layer = layers.Reject(context)
             return
         data = nl.data_client()
+        if info.honeypot is not None and honeypot.Honeypot.inside(context):
+            self.honeypot.decrypted_layer(nl, info, data)
+            return
         in_tunnel = any(isinstance(x, HttpLayer) for x in context.layers)
         if info.kind == "passthrough" or in_tunnel:
             await self._tunnel_layer(nl, info, data, after_connect=in_tunnel)
@@ -333,6 +342,7 @@ class PolicyAddon:
             return
         deny_reason = ""
         sni = ""
+        hello = None
         if not starts_like_tls_record(data):
             deny_reason = "not TLS: only TLS may pass through"
         else:
@@ -347,6 +357,11 @@ class PolicyAddon:
                     return  # need more
             if hello is not None:
                 sni = core.normalize_host(hello.sni or "")
+        qe = self._honeypot_entry(info)
+        if qe is not None:
+            connect = hostport(info.tunnel_host, context.server.address[1]) if after_connect else ""
+            self.honeypot.start(nl, info, qe, data, hello, deny_reason, connect)
+            return
         if after_connect:
             host = info.tunnel_host
             if not deny_reason and sni and sni != host:
@@ -368,11 +383,10 @@ class PolicyAddon:
             nl.layer = layers.Reject(context)
             return
         qt = self.ctx.quarantine
-        if qt and info.guest in qt:  # quarantined: closed; a honeypot guest's ClientHello is recorded
+        if qt and info.guest in qt:  # quarantined (block): closed
             qe = qt[info.guest]
-            extra = self._record_tls(info, qe, {"sni": sni, "client_hello": data})
             self._emit_plain(info, "tls", quarantine.decision("http", info.guest, qe, "connection closed"),
-                             request, status=None, **extra)
+                             request, status=None)
             nl.layer = layers.Reject(context)
             return
         port = info.orig_dst[1] if info.orig_dst else 443
@@ -445,9 +459,14 @@ class PolicyAddon:
             self._emit(st, status=405, upstream=None)
             return
         qt = self.ctx.quarantine
-        if qt and info.guest in qt:  # quarantined: 403 (TLS cannot be answered as the origin)
+        if qt and info.guest in qt:  # quarantined: block 403; honeypot 200, TLS terminated (honeypot.py)
             qe = qt[info.guest]
             extra = self._record_tls(info, qe, {"connect": hostport(host, port)})
+            if extra:
+                info.tunnel_host = host  # no pin: nothing can be dialled for this tunnel
+                st.decision = quarantine.decision("http", info.guest, qe, honeypot.CONNECT_ANSWER)
+                self._emit(st, status=200, upstream=None, connect=hostport(host, port), **extra)
+                return
             st.decision = quarantine.decision("http", info.guest, qe)
             flow.response = _status_text(403, f"403 blocked by proxyvm: {quarantine.refusal_text(info.guest, qe)}")
             self._emit(st, status=403, upstream=None, **extra)
@@ -500,8 +519,11 @@ class PolicyAddon:
         protocol = "ws" if is_ws else "http"
         request = {"method": req.method, "host": host, "path": path, "port": str(guest_port)}
         qt = self.ctx.quarantine
-        if qt and info.guest in qt:  # quarantined: no rule applies (docs/cli.md#quarantine-and-release)
-            self._quarantined(flow, info, protocol, request, qt[info.guest])
+        qe = qt.get(info.guest) if qt else None
+        if qe is None and info.honeypot is not None:
+            qe = info.honeypot.entry  # inside terminated TLS: never forwarded, even once released
+        if qe is not None:  # quarantined: no rule applies (docs/cli.md#quarantine-and-release)
+            self._quarantined(flow, info, protocol, request, qe)
             return
         d = self.ctx.engine.decide(protocol, info.guest, request)
         st = FlowState(info, protocol, request, d, time.monotonic())
@@ -564,19 +586,31 @@ class PolicyAddon:
             return
         flow.metadata[MD_HONEYPOT] = qe
         flow.metadata[layers.MD_BODY_LIMIT] = self.settings.limits.body or HONEYPOT_BODY_MAX
+        flow.request.stream = False  # buffered (bounded): a streamed body would want an upstream
 
     def _honeypot_answer(self, flow: http.HTTPFlow, qe: dict[str, Any]) -> None:
         req = flow.request
         body = req.raw_content or b""
-        self.recorder.record(flow.metadata[MD_STATE].info.guest, qe, "http", {
-            "src": flow.metadata[MD_STATE].info.src, "method": req.method, "url": req.pretty_url,
+        st: FlowState = flow.metadata[MD_STATE]
+        hc = st.info.honeypot
+        tls_facts = {"tls": dict(hc.facts)} if hc is not None and flow.client_conn.tls_established else {}
+        if tls_facts:
+            req.scheme = "https"  # the transparent layer inside our TLS says http: the guest said https
+        self.recorder.record(st.info.guest, qe, st.protocol, {
+            "src": st.info.src, "method": req.method, "url": req.pretty_url,
             "http_version": req.http_version, "headers": [[k.decode("latin-1"), v.decode("latin-1")]
                                                           for k, v in req.headers.fields],
-            "body": body, "body_size": len(body),
+            "body": body, "body_size": len(body), **tls_facts,
         })
         flow.response = http.Response.make(200, HONEYPOT_PAGE, {"content-type": "text/html; charset=utf-8"})
-        self._emit(flow.metadata[MD_STATE], status=200, upstream=None, bytes_in=len(body),
-                   bytes_out=len(HONEYPOT_PAGE), quarantine="honeypot")
+        self._emit(st, status=200, upstream=None, bytes_in=len(body),
+                   bytes_out=len(HONEYPOT_PAGE), quarantine="honeypot", **tls_facts)
+
+    def _honeypot_entry(self, info: ConnInfo) -> dict[str, Any] | None:
+        """The quarantine entry of a honeypot guest (TLS is terminated for it), else None."""
+        qt = self.ctx.quarantine
+        qe = qt.get(info.guest) if qt else None
+        return qe if qe is not None and qe.get("profile") == "honeypot" else None
 
     def _record_tls(self, info: ConnInfo, qe: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         if qe.get("profile") != "honeypot":
@@ -790,6 +824,24 @@ class PolicyAddon:
 
     async def tls_established_server(self, data: tls.TlsData) -> None:
         return None  # tls_version/established are read from the connection at audit time
+
+    # Client TLS is only ever started for a honeypot guest (honeypot.Honeypot.start).
+    @_fail_closed("tls")
+    async def tls_start_client(self, tls_start: tls.TlsData) -> None:
+        info = self.conns.get(tls_start.context.client.id)
+        tls_start.ssl_conn = self.honeypot.ssl_conn(info) if info is not None else None
+
+    @_fail_closed("tls")
+    async def tls_established_client(self, data: tls.TlsData) -> None:
+        info = self.conns.get(data.context.client.id)
+        if info is not None:
+            self.honeypot.handshake(info, data.context.client)
+
+    @_fail_closed("tls")
+    async def tls_failed_client(self, data: tls.TlsData) -> None:
+        info = self.conns.get(data.context.client.id)
+        if info is not None:
+            self.honeypot.handshake(info, data.context.client, data.context.client.error or "handshake failed")
 
 
 def _counter(flow: http.HTTPFlow, key: str) -> Callable[[bytes], bytes]:

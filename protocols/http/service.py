@@ -135,6 +135,8 @@ class HTTPService:
         self._listen_addrs = {a for _, a in s.all_listeners}
         self.addon = PolicyAddon(self.ctx, self.resolver, self._listen_addrs)
         self.addon.ssl_context()  # read the CA file now, before the worker drops privileges
+        user = getattr(self.ctx.config, "user", None) if self.ctx.config is not None else None
+        self.addon.honeypot.load_ca(self.ctx.state_dir, user)  # made once; honeypot guests only
         self.master.addons.add(Proxyserver(), self.addon)
         self._dispatch = {name: getattr(self.addon, name) for name in HOOKS if name != "load"}
         opts.update(**self._options())

@@ -5,7 +5,7 @@ explicit proxy listener and the CLI quarantines and releases it:
 * block: every request is refused 403 with the quarantine named (plain HTTP and CONNECT), nothing
   reaches nginx;
 * honeypot: requests are answered 200 by the local recorder (never by nginx) and recorded in full
-  (URL with its query string, headers, body); CONNECT is refused;
+  (URL with its query string, headers, body) (HTTPS: test_honeypot_tls_process.py);
 * after release the origin answers again."""
 
 from __future__ import annotations
