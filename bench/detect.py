@@ -280,7 +280,7 @@ def fp_table(fp: dict[str, int], days: float, detectors: tuple[str, ...]) -> Non
     print("| detector | benign alerts | false positives per guest-day |")
     print("|---|---|---|")
     for det in detectors:
-        note = " (first contact with each destination, one alert per guest per 10 min at most: does not grow with " \
+        note = " (first contact with each destination, one alert per guest per 5 min at most: does not grow with " \
                "days)" if det == "new_destination" else ""
         print(f"| {det} | {fp.get(det, 0)} | {fp.get(det, 0) / max(days, 1e-9):.2f}{note} |")
 

@@ -43,7 +43,7 @@ DETECTORS: dict[str, dict[str, tuple[float, str]]] = {
         "min_baseline": (50, "int"),  # records a guest needs in its baseline before anything is "new"
         "max_destinations": (10000, "int"),  # destinations remembered per guest
         "history": (7 * 86400, "duration"),  # how far back the audit log seeds a learned baseline
-        "window": (600, "duration"),  # at most one alert per guest in this time; it lists the new ones
+        "window": (300, "duration"),  # at most one alert per guest in this time; it lists the new ones
         "max_listed": (50, "int"),  # new destinations named in one alert (the rest are only counted)
     },
     "dns_tunnel": {

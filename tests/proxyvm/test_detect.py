@@ -295,7 +295,7 @@ def test_learned_baseline_is_seeded_from_the_audit_log(tmp_path: Path) -> None:
     run.dns("ancient.test")
     run.dns("denied.test")
     assert [a.evidence["destination"] for a in run.of("new_destination")] == ["dns:ancient.test"]
-    run.clock.t += 601  # the window is over: the next record reports what was gathered
+    run.clock.t += 301  # the window is over: the next record reports what was gathered
     run.dns("www.known.test")
     assert [a.evidence["destination"] for a in run.of("new_destination")] == ["dns:ancient.test", "dns:denied.test"]
 
