@@ -6,9 +6,11 @@ detector, severity, evidence, the seqs of the triggering records), the Prometheu
 `proxyvm_alerts_total{guest, detector}`, a log line, and — with `action: quarantine` — the guest's
 quarantine (proxyvm.quarantine).
 Must not: block (each runs inside `Supervisor.write_audit`, once per record, in O(1) per record),
-see its own alerts as traffic (records with a `kind` are skipped), or grow without bound: every
-per-guest structure is capped (windows are fixed rings of buckets, sets stop growing at the
-threshold they are compared with, key tables evict the oldest), whatever the guest sends.
+see its own alerts as traffic (records with a `kind` are skipped), flood (new_destination raises at
+most one alert per guest per window, gathering the rest), or grow without bound: every per-guest
+structure is capped (windows are fixed rings of buckets, sets — the long `slow_window` ones too —
+stop growing at the threshold they are compared with, key tables evict the oldest, the gathered new
+destinations stop at `max_listed`), whatever the guest sends.
 
 Every detector keeps its state per guest; the guests are the config's (plus `unknown`), so the
 whole is bounded by (guests x detectors x the caps below).
