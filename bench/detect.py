@@ -16,9 +16,16 @@ no idle-to-busy step: compression deflates it. Guest-days = queries sent / DAY o
 Attack guests, each trial on a fresh guest identity, start at random times inside the benign load:
 iodine-style (base32 labels, NULL/TXT) and dnscat-style (hex labels, TXT/CNAME/MX) tunnels at
 0.5-20 q/s, a low-and-slow tunnel (0.1 q/s), random-letter DGA bursts (2-50 q/s), wordlist DGA,
-slow DGA (one name per 5 s). Detection = a `kind: alert` record of the expected detector for that
-guest; time to detect = alert ts - first attack query (wall clock, ms).
+slow DGA (one name per 5 s); beaconing: a monitor or CI guest (its benign load from the start, so
+a learned baseline) that calls one new domain every 30 s. Detection = a `kind: alert` record of
+the expected detector for that guest (beaconing: a new_destination alert naming the beacon's
+domain); time to detect = alert ts - first attack query (wall clock, ms).
+
+`--app-minutes N` adds an HTTP + SMTP phase (app_phase: real nginx upstream, SMTP into the spool
+with no reachable relay; SSRF probing -> deny_burst, spam -> smtp_burst) and `--snmp-minutes N` an
+SNMP phase (real snmpd agents; sweeps -> snmp_sweep), each its own `proxyvm run`.
 Not a test: nothing asserts. Usage: python bench/detect.py [--minutes N] [--benign N] [--trials N]
+[--app-minutes N] [--snmp-minutes N]
 """
 
 from __future__ import annotations
@@ -488,8 +495,8 @@ def app_phase(d: Path, minutes: float, n_trials: int, rng: random.Random) -> Non
         lambda r: spam_messages(r, 10), (15, latest))
     add("spam, slow (5 recipients per message every 10 s)", "smtp_burst", 5, 0.1, 240,
         lambda r: spam_messages(r, 5), slow_start)
-    web = [(f"w{i:02d}", f"127.0.11.{1 + i}") for i in range(10)]
-    mail = [(f"m{i:02d}", f"127.0.12.{1 + i}") for i in range(6)]
+    web = [(f"w{i:02d}", f"127.0.11.{1 + i}") for i in range(16)]
+    mail = [(f"m{i:02d}", f"127.0.12.{1 + i}") for i in range(10)]
     guests = "".join(f"  {g}: {{addresses: [{ip}]}}\n" for g, ip in web + mail)
     guests += "".join(f"  {t.guest}: {{addresses: [{t.ip}]}}\n" for t in trials)
     (d / "rules.yaml").write_text("mode: enforce\ndefault: allow\nrules:\n"
@@ -731,7 +738,7 @@ def main() -> int:
     if args.app_minutes:
         app_phase(d / "app", args.app_minutes, args.trials, random.Random(args.seed + 1))
     if args.snmp_minutes:
-        snmp_phase(d, 12, 10, 6, args.snmp_minutes)
+        snmp_phase(d, 12, max(10, args.trials), 6, args.snmp_minutes)
     print(f"\n# work dir {d}", file=sys.stderr)
     return 0
 
