@@ -6,9 +6,11 @@ detector, severity, evidence, the seqs of the triggering records), the Prometheu
 `proxyvm_alerts_total{guest, detector}`, a log line, and — with `action: quarantine` — the guest's
 quarantine (proxyvm.quarantine).
 Must not: block (each runs inside `Supervisor.write_audit`, once per record, in O(1) per record),
-see its own alerts as traffic (records with a `kind` are skipped), or grow without bound: every
-per-guest structure is capped (windows are fixed rings of buckets, sets stop growing at the
-threshold they are compared with, key tables evict the oldest), whatever the guest sends.
+see its own alerts as traffic (records with a `kind` are skipped), flood (new_destination raises at
+most one alert per guest per window, gathering the rest), or grow without bound: every per-guest
+structure is capped (windows are fixed rings of buckets, sets — the long `slow_window` ones too —
+stop growing at the threshold they are compared with, key tables evict the oldest, the gathered new
+destinations stop at `max_listed`), whatever the guest sends.
 
 Every detector keeps its state per guest; the guests are the config's (plus `unknown`), so the
 whole is bounded by (guests x detectors x the caps below).
@@ -43,18 +45,23 @@ DETECTORS: dict[str, dict[str, tuple[float, str]]] = {
         "min_baseline": (50, "int"),  # records a guest needs in its baseline before anything is "new"
         "max_destinations": (10000, "int"),  # destinations remembered per guest
         "history": (7 * 86400, "duration"),  # how far back the audit log seeds a learned baseline
+        "window": (300, "duration"),  # at most one alert per guest in this time; it lists the new ones
+        "max_listed": (50, "int"),  # new destinations named in one alert (the rest are only counted)
     },
     "dns_tunnel": {
         "window": (60, "duration"),
         "label_length": (40, "int"),  # a label this long is "long"
         "entropy": (3.8, "float"),  # bits per character of the subdomain part ...
         "entropy_min_length": (20, "int"),  # ... when it is at least this long
-        "suspicious": (10, "int"),  # long-label or high-entropy names under one base domain per window
+        "suspicious": (10, "int"),  # distinct long-label or high-entropy names under one base domain per window
         "unique_subdomains": (60, "int"),  # distinct names under one base domain per window
-        "txt_share": (0.5, "float"),  # TXT/NULL share of the queries under one base domain ...
+        "txt_share": (0.5, "float"),  # TXT/NULL share of the queries under one base domain (mail auth exempt) ...
         "min_queries": (20, "int"),  # ... once there are this many in the window
         "dga_domains": (20, "int"),  # distinct NXDOMAIN base domains with a random-looking name per window
         "dga_entropy": (2.5, "float"),  # bits per character of such a name's first label (6+ chars)
+        "slow_window": (1800, "duration"),  # the long window of the low-and-slow signals below
+        "slow_suspicious": (30, "int"),  # distinct suspicious names under one base domain per slow_window
+        "slow_dga_domains": (40, "int"),  # distinct random-looking NXDOMAIN base domains per slow_window
     },
     "rate_spike": {
         "window": (60, "duration"),
@@ -232,13 +239,19 @@ class Distinct:
         self.window, self.cap = window, cap
         self.seen: OrderedDict[Any, float] = OrderedDict()
 
-    def add(self, value: Any, now: float) -> int:
+    def count(self, now: float) -> int:
+        """Distinct values within the window ending now (expired ones dropped)."""
         seen = self.seen
         while seen:
             k, t = next(iter(seen.items()))
             if now - t <= self.window:
                 break
             seen.popitem(last=False)
+        return len(seen)
+
+    def add(self, value: Any, now: float) -> int:
+        seen = self.seen
+        self.count(now)
         if value in seen:
             seen.move_to_end(value)
             seen[value] = now
@@ -338,27 +351,48 @@ class _Seqs:
             self.q.append(seq)
 
 
+_MAIL_AUTH_LABELS = frozenset({"_dmarc", "_domainkey", "_mta-sts", "_smtp", "_tls", "_bimi", "_adsp"})
+
+
+def mail_auth(qname: str, base: str) -> bool:
+    """A TXT name mail servers look up by design: SPF (the domain itself, `_spf.*`, `spf*.*`),
+    DMARC (`_dmarc.`), DKIM (`SELECTOR._domainkey.`), MTA-STS (`_mta-sts.`), TLS-RPT (`_smtp._tls.`),
+    BIMI. Such TXT queries do not count toward txt_share (their names still count as names)."""
+    if qname == base:
+        return True
+    for label in qname[: -len(base)].split("."):
+        if label in _MAIL_AUTH_LABELS or label.startswith(("_spf", "spf")):
+            return True
+    return False
+
+
 class DNSTunnel(Detector):
-    """DNS tunnelling and DGA. Per guest and base domain within `window`: names with a long label
-    or a high-entropy subdomain part (`suspicious`), distinct names (`unique_subdomains`), the
-    TXT/NULL share (`txt_share` once `min_queries`); per guest: distinct random-looking base
-    domains answered NXDOMAIN (`dga_domains`)."""
+    """DNS tunnelling and DGA. Per guest and base domain within `window`: distinct names with a long
+    label or a high-entropy subdomain part (`suspicious`; a CDN's hashed name asked again is one
+    name, a tunnel never repeats), distinct names (`unique_subdomains`), the TXT/NULL share
+    (`txt_share` once `min_queries`; SPF/DMARC/DKIM/MTA-STS lookups exempt); within `slow_window`:
+    distinct suspicious names (`slow_suspicious`, the low-and-slow tunnel). Per guest: distinct
+    random-looking base domains answered NXDOMAIN within `window` (`dga_domains`) and within
+    `slow_window` (`slow_dga_domains`)."""
 
     name = "dns_tunnel"
 
     class _Base:
-        __slots__ = ("total", "odd", "txt", "names", "seqs", "examples")
+        __slots__ = ("total", "txt", "names", "odd", "slow", "seqs", "examples")
 
-        def __init__(self, window: float, cap: int) -> None:
-            self.total, self.odd, self.txt = Window(window), Window(window), Window(window)
-            self.names = Distinct(window, cap)
+        def __init__(self, s: DetectorSettings) -> None:
+            w = s["window"]
+            self.total, self.txt = Window(w), Window(w)
+            self.names = Distinct(w, int(s["unique_subdomains"]))
+            self.odd = Distinct(w, int(s["suspicious"]))
+            self.slow = Distinct(s["slow_window"], int(s["slow_suspicious"]))
             self.seqs = _Seqs()
             self.examples: deque[str] = deque(maxlen=MAX_EXAMPLES)
 
     def new_state(self) -> Any:
-        w = self.s["window"]
-        cap = int(self.s["unique_subdomains"])
-        return {"bases": Keyed(lambda: DNSTunnel._Base(w, cap)), "dga": Distinct(w, int(self.s["dga_domains"])),
+        s = self.s
+        return {"bases": Keyed(lambda: DNSTunnel._Base(s)), "dga": Distinct(s["window"], int(s["dga_domains"])),
+                "dga_slow": Distinct(s["slow_window"], int(s["slow_dga_domains"])),
                 "dga_seqs": _Seqs(), "dga_examples": deque(maxlen=MAX_EXAMPLES)}
 
     def observe(self, rec: dict[str, Any], now: float) -> Alert | None:
@@ -377,42 +411,58 @@ class DNSTunnel(Detector):
         long_label = max(len(x) for x in labels) >= s["label_length"]
         flat = sub.replace(".", "")
         high_entropy = len(flat) >= s["entropy_min_length"] and entropy(flat) >= s["entropy"]
+        odd_name = long_label or high_entropy
         b = st["bases"].get(base)
         total, _ = b.total.add(now)
-        odd, _ = b.odd.add(now, 1 if (long_label or high_entropy) else 0)
-        txt, _ = b.txt.add(now, 1 if qtype in ("TXT", "NULL") else 0)
+        is_txt = qtype in ("TXT", "NULL") and not mail_auth(qname, base)
+        txt, _ = b.txt.add(now, 1 if is_txt else 0)
         unique = b.names.add(qname, now)
+        if odd_name:
+            odd, slow = b.odd.add(qname, now), b.slow.add(qname, now)
+        else:
+            odd, slow = b.odd.count(now), b.slow.count(now)
         b.seqs.add(rec.get("seq"))
-        if long_label or high_entropy or not b.examples or b.examples[-1] != qname:
+        if odd_name or not b.examples or b.examples[-1] != qname:
             b.examples.append(qname)
         why = ""
+        window = s["window"]
         if odd >= s["suspicious"]:
-            why = f"{odd} names with long labels or high entropy under {base}"
+            why = f"{odd} distinct names with long labels or high entropy under {base}"
         elif unique >= s["unique_subdomains"]:
             why = f"{unique} distinct names under {base}"
         elif total >= s["min_queries"] and txt / total >= s["txt_share"]:
             why = f"{txt} of {total} queries under {base} are TXT/NULL"
+        elif odd_name and slow >= s["slow_suspicious"]:
+            why, window = f"low and slow: {slow} distinct names with long labels or high entropy under {base}", \
+                s["slow_window"]
         if why:
-            ev = {"base_domain": base, "window_s": s["window"], "queries": total, "unique_names": unique,
-                  "odd_names": odd, "txt_null": txt, "txt_null_share": round(txt / total, 3) if total else 0.0,
-                  "examples": list(b.examples),
+            ev = {"base_domain": base, "window_s": window, "queries": total, "unique_names": unique,
+                  "odd_names": odd, "slow_odd_names": slow, "txt_null": txt,
+                  "txt_null_share": round(txt / total, 3) if total else 0.0, "examples": list(b.examples),
                   "thresholds": {k: s[k] for k in ("label_length", "entropy", "suspicious", "unique_subdomains",
-                                                     "txt_share", "min_queries")}}
+                                                     "txt_share", "min_queries", "slow_suspicious", "slow_window")}}
             return Alert(rec.get("guest") or "unknown", self.name, "dns",
-                         f"DNS tunnelling suspected: {why} within {s['window']:g}s", ev, list(b.seqs.q), base)
+                         f"DNS tunnelling suspected: {why} within {window:g}s", ev, list(b.seqs.q), base)
         # DGA: random-looking names that do not exist, across many base domains
         if rec.get("rcode") == "NXDOMAIN":
             first = base.split(".")[0]
             if len(first) >= 6 and entropy(first) >= s["dga_entropy"]:
                 n = st["dga"].add(base, now)
+                n_slow = st["dga_slow"].add(base, now)
                 st["dga_seqs"].add(rec.get("seq"))
                 st["dga_examples"].append(qname)
                 if n >= s["dga_domains"]:
-                    ev = {"nxdomain_base_domains": n, "window_s": s["window"], "examples": list(st["dga_examples"]),
-                          "thresholds": {"dga_domains": s["dga_domains"], "dga_entropy": s["dga_entropy"]}}
-                    return Alert(rec.get("guest") or "unknown", self.name, "dns",
-                                 f"DGA suspected: {n} random-looking domains answered NXDOMAIN within "
-                                 f"{s['window']:g}s", ev, list(st["dga_seqs"].q), "dga")
+                    n_at, window = n, s["window"]
+                elif n_slow >= s["slow_dga_domains"]:
+                    n_at, window = n_slow, s["slow_window"]
+                else:
+                    return None
+                ev = {"nxdomain_base_domains": n_at, "window_s": window, "examples": list(st["dga_examples"]),
+                      "thresholds": {k: s[k] for k in ("dga_domains", "dga_entropy", "slow_dga_domains",
+                                                         "slow_window")}}
+                return Alert(rec.get("guest") or "unknown", self.name, "dns",
+                             f"DGA suspected: {n_at} random-looking domains answered NXDOMAIN within "
+                             f"{window:g}s", ev, list(st["dga_seqs"].q), "dga")
         return None
 
 
@@ -591,17 +641,25 @@ class NewDestination(Detector):
     (`baseline:`; a destination is known when that file allows the request for the guest) or
     learned: seeded from the audit log (allowed decisions of the last `history`), then every
     allowed destination joins it. Nothing is "new" for a guest with fewer than `min_baseline`
-    records in a learned baseline; at most `max_destinations` are remembered per guest."""
+    records in a learned baseline; at most `max_destinations` are remembered per guest.
+    At most one alert per guest per `window`: the first new destination alerts at once; the ones
+    after it within the window are gathered (`max_listed` named, the rest counted, each with its
+    request count) and reported by one alert on the guest's first record after the window."""
 
     name = "new_destination"
 
     class _Known:
-        __slots__ = ("dests", "records", "seqs")
+        __slots__ = ("dests", "records", "seqs", "last_alert", "pending", "more", "pseqs", "pending_since")
 
         def __init__(self) -> None:
             self.dests: set[str] = set()
             self.records = 0
             self.seqs = _Seqs()
+            self.last_alert = -math.inf
+            self.pending: dict[str, int] = {}  # new destination -> requests, at most max_listed
+            self.more = 0  # new destinations past max_listed (not named)
+            self.pseqs = _Seqs()
+            self.pending_since = 0.0
 
     def __init__(self, s: DetectorSettings, guests: Iterable[str] = ()) -> None:
         super().__init__(s)
@@ -628,25 +686,46 @@ class NewDestination(Detector):
     def observe(self, rec: dict[str, Any], now: float) -> Alert | None:
         if not rec.get("verdict") or rec.get("event") in _FOLLOW_UPS:
             return None
-        d = destination(rec)
-        if d is None:
-            return None
         guest = rec.get("guest") or "unknown"
-        if self.engine is not None:
-            new = not self._in_rules(rec, guest)
-            ev_base = {"baseline": str(self.s.baseline)}
-        else:
-            k = self.state(guest)
-            new = d not in k.dests and k.records >= self.s["min_baseline"] \
-                and len(k.dests) < self.s["max_destinations"]
-            ev_base = {"baseline": "learned", "baseline_records": k.records, "baseline_destinations": len(k.dests)}
-            self.learn(rec)
-        if not new:
+        k = self.state(guest)
+        d = destination(rec)
+        new = False
+        ev_base: dict[str, Any] = {}
+        if d is not None:
+            if self.engine is not None:
+                new = not self._in_rules(rec, guest)
+                ev_base = {"baseline": str(self.s.baseline)}
+            else:
+                new = d not in k.dests and k.records >= self.s["min_baseline"] \
+                    and len(k.dests) < self.s["max_destinations"]
+                ev_base = {"baseline": "learned", "baseline_records": k.records, "baseline_destinations": len(k.dests)}
+                self.learn(rec)
+        if d is not None and d in k.pending:
+            k.pending[d] += 1  # requests to it since it was new (a beacon keeps calling)
+        elif new and d is not None:
+            if len(k.pending) < self.s["max_listed"]:
+                if not k.pending:
+                    k.pending_since = now
+                k.pending[d] = 1
+                if isinstance(rec.get("seq"), int):
+                    k.pseqs.add(rec["seq"])
+            else:
+                k.more += 1
+        if not k.pending or now - k.last_alert < self.s["window"]:
             return None
-        ev = {"destination": d, "verdict": rec.get("verdict"), "rule": rec.get("rule"), **ev_base}
-        return Alert(guest, self.name, str(rec.get("protocol")), f"new destination {d.partition(':')[2]} "
-                     f"({rec.get('protocol')}) not in the guest's baseline", ev,
-                     [rec["seq"]] if isinstance(rec.get("seq"), int) else [], d)
+        names = dict(k.pending)
+        first = next(iter(names))
+        ev = {"destination": first, "destinations": names, "new_destinations": len(names) + k.more,
+              "not_listed": k.more, "since_s": round(now - k.pending_since, 1), "window_s": self.s["window"],
+              "verdict": rec.get("verdict") if new else None, "rule": rec.get("rule") if new else None,
+              **(ev_base or {"baseline": "learned" if self.engine is None else str(self.s.baseline)})}
+        seqs = list(k.pseqs.q)
+        k.pending, k.more, k.pseqs, k.last_alert = {}, 0, _Seqs(), now
+        listed = ", ".join(x.partition(":")[2] for x in list(names)[:3])
+        n = ev["new_destinations"]
+        reason = (f"new destination {listed} ({first.partition(':')[0]}) not in the guest's baseline" if n == 1 else
+                  f"{n} new destinations not in the guest's baseline since the last alert: {listed}, ...")
+        return Alert(guest, self.name, first.partition(":")[0], reason, ev, seqs, first)
 
     def _in_rules(self, rec: dict[str, Any], guest: str) -> bool:
         req = dict(rec.get("request") or {})

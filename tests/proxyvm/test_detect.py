@@ -89,7 +89,7 @@ def test_dns_tunnel_long_labels_fire_at_the_threshold() -> None:
     (a,) = run.of("dns_tunnel")
     assert a.guest == "web1" and a.key == "exfil.test" and a.records == [1, 2, 3, 4, 5]
     assert a.evidence["odd_names"] == 5 and a.evidence["base_domain"] == "exfil.test"
-    assert a.reason == "DNS tunnelling suspected: 5 names with long labels or high entropy under exfil.test within 60s"
+    assert a.reason == "DNS tunnelling suspected: 5 distinct names with long labels or high entropy under exfil.test within 60s"
     # cooldown: the next ones under the same base domain do not alert again for 5 minutes
     for _ in range(20):
         run.dns(f"{rand(45, rng)}.exfil.test", "TXT")
@@ -220,8 +220,8 @@ def test_new_destination_learned_and_from_rules(tmp_path: Path) -> None:
 
 
 def test_memory_is_bounded_whatever_the_guest_sends() -> None:
-    run = Run("dns_tunnel: {unique_subdomains: 60, suspicious: 100000000, dga_domains: 20}\n"
-              "new_destination: {min_baseline: 1, max_destinations: 1000}")
+    run = Run("dns_tunnel: {unique_subdomains: 60, suspicious: 10, slow_suspicious: 30, dga_domains: 20, "
+              "slow_dga_domains: 40}\nnew_destination: {min_baseline: 1, max_destinations: 1000}")
     rng = random.Random(4)
     for i in range(50_000):  # every query a new name under a new base domain
         run.dns(f"{rand(8, rng)}.{rand(10, rng)}.test", rcode="NXDOMAIN")
@@ -232,9 +232,11 @@ def test_memory_is_bounded_whatever_the_guest_sends() -> None:
             if d.name == "dns_tunnel":
                 assert len(st["bases"].items) <= 256
                 assert all(len(b.names.seen) <= 60 for b in st["bases"].items.values())
-                assert len(st["dga"].seen) <= 20
+                assert len(st["dga"].seen) <= 20 and len(st["dga_slow"].seen) <= 40
+                assert all(len(b.odd.seen) <= 10 and len(b.slow.seen) <= 30 for b in st["bases"].items.values())
             if d.name == "new_destination":
                 assert len(st.dests) <= 1000
+                assert len(st.pending) <= 50
     assert len(run.det.cooldowns) <= 65536
     (tunnel,) = [d for d in run.det.detectors if d.name == "dns_tunnel"]
     size = sum(sys.getsizeof(b.names.seen) for b in tunnel.guests["web1"]["bases"].items.values())
@@ -292,4 +294,108 @@ def test_learned_baseline_is_seeded_from_the_audit_log(tmp_path: Path) -> None:
     assert run.of("new_destination") == []
     run.dns("ancient.test")
     run.dns("denied.test")
+    assert [a.evidence["destination"] for a in run.of("new_destination")] == ["dns:ancient.test"]
+    run.clock.t += 301  # the window is over: the next record reports what was gathered
+    run.dns("www.known.test")
     assert [a.evidence["destination"] for a in run.of("new_destination")] == ["dns:ancient.test", "dns:denied.test"]
+
+
+QUIET = "deny_burst: false\nrate_spike: false\nnew_destination: false\n"
+
+
+def test_mail_guest_spf_dmarc_dkim_txt_does_not_alert() -> None:
+    """A mail server's day: per message MX, the MX host, SPF (TXT at the apex and `_spf.`), DMARC,
+    DKIM, MTA-STS, TLS-RPT — mostly TXT under one domain, over and over. No alert; the same TXT
+    share on ordinary names does alert (the exemption is what keeps it quiet)."""
+    run = Run(QUIET)
+    rng = random.Random(5)
+    for _ in range(3000):
+        dom = rng.choice(["gmail.com", "outlook.com", "example-corp.com"])
+        for name, qtype in [(dom, "MX"), (f"mx.{dom}", "A"), (dom, "TXT"), (f"_spf.{dom}", "TXT"),
+                            (f"_dmarc.{dom}", "TXT"), (f"{rng.choice(['s1', 'google', 'k1'])}._domainkey.{dom}", "TXT"),
+                            (f"_mta-sts.{dom}", "TXT"), (f"_smtp._tls.{dom}", "TXT")]:
+            run.dns(name, qtype)
+        run.clock.t += 0.5
+    assert run.of("dns_tunnel") == []
+    run2 = Run(QUIET)
+    for i in range(20):
+        run2.dns("mx.gmail.com", "A")
+        run2.dns(f"k{i % 3}.keys.gmail.com", "TXT")  # TXT, but not a mail-auth name
+    (a,) = run2.of("dns_tunnel")
+    assert "TXT/NULL" in a.reason and a.key == "gmail.com"
+
+
+def test_repeated_long_cdn_names_do_not_alert() -> None:
+    """Long, high-entropy ELB/S3/Kubernetes-ELB names asked again and again (a client without a
+    cache, TTL 60 s): each is one name. Ten distinct ones within the window do alert."""
+    names = ["web-prod-1234567890.us-east-1.elb.amazonaws.com",
+             "prod-us-east-1-starport-layer-bucket.s3.us-east-1.amazonaws.com",
+             *(f"k8s-{i}a9f3c1e7b2d4f6081c3e5a7b9d1f2e4c6-98765432{i}.elb.eu-west-1.amazonaws.com" for i in range(8))]
+    run = Run(QUIET)
+    for _ in range(2000):  # 10 distinct names (9 suspicious), 20,000 queries over 5 hours
+        for n in names:
+            run.dns(n, "A")
+        run.clock.t += 9
+    assert run.of("dns_tunnel") == []
+    run.dns("k8s-9f0e1d2c3b4a59687766554433221100-1122334455.elb.eu-west-1.amazonaws.com")
+    (a,) = run.of("dns_tunnel")
+    assert a.evidence["odd_names"] == 10 and a.key == "amazonaws.com"
+
+
+def test_slow_tunnel_alerts_within_the_slow_window() -> None:
+    """0.1 q/s (one name every 10 s): never 10 within a minute, so only the slow signal can see
+    it: slow_suspicious (30) distinct names -> alert at the 30th, 290 s after the first."""
+    run = Run(QUIET)
+    rng = random.Random(6)
+    t0 = run.clock.t
+    for _ in range(29):
+        run.dns(f"{rand(52, rng)}.t.slow.test", "NULL")
+        run.clock.t += 10
+    assert run.of("dns_tunnel") == []
+    run.dns(f"{rand(52, rng)}.t.slow.test", "NULL")
+    (a,) = run.of("dns_tunnel")
+    assert run.clock.t - t0 == 290 and a.evidence["slow_odd_names"] == 30 and a.evidence["window_s"] == 1800
+    assert "low and slow" in a.reason and a.key == "slow.test"
+    # the same 30 names spread over more than slow_window: nothing
+    run2 = Run(QUIET)
+    for _ in range(60):
+        run2.dns(f"{rand(52, rng)}.t.slow.test", "NULL")
+        run2.clock.t += 65  # 28 within any 30 minutes
+    assert run2.of("dns_tunnel") == []
+
+
+def test_slow_dga_alerts_within_the_slow_window() -> None:
+    run = Run(QUIET)
+    rng = random.Random(7)
+    for _ in range(39):
+        run.dns(f"{''.join(rng.sample(string.ascii_lowercase, 12))}.com", rcode="NXDOMAIN")
+        run.clock.t += 5  # 0.2 q/s: at most 12 per minute, under dga_domains (20)
+    assert run.of("dns_tunnel") == []
+    run.dns(f"{''.join(rng.sample(string.ascii_lowercase, 12))}.com", rcode="NXDOMAIN")
+    (a,) = run.of("dns_tunnel")
+    assert a.key == "dga" and a.evidence["nxdomain_base_domains"] == 40 and a.evidence["window_s"] == 1800
+
+
+def test_new_destination_one_alert_per_window_with_the_names() -> None:
+    """A DGA-like flood of new names: one alert at once, then nothing within the window, then one
+    alert naming what came since (max_listed named, the rest counted, request counts per name)."""
+    run = Run("new_destination: {min_baseline: 5, window: 10m, max_listed: 3}\ndns_tunnel: false\n"
+              "deny_burst: false\nrate_spike: false")
+    for i in range(5):
+        run.dns(f"www{i}.known.test")
+    run.dns("first.test")
+    assert [a.evidence["destination"] for a in run.of("new_destination")] == ["dns:first.test"]
+    for i in range(100):
+        run.dns(f"n{i}.test")
+        run.dns(f"x.n{i % 2}.test")  # n0.test and n1.test asked again
+        run.clock.t += 5
+    assert len(run.of("new_destination")) == 1  # 500 s: still inside the window
+    run.clock.t += 100
+    run.dns("www0.known.test")  # a known name after the window: the gathered ones are reported
+    first, second = run.of("new_destination")
+    ev = second.evidence
+    assert ev["new_destinations"] == 100 and ev["not_listed"] == 97
+    assert ev["destinations"] == {"dns:n0.test": 51, "dns:n1.test": 51, "dns:n2.test": 1}
+    assert second.reason.startswith("100 new destinations not in the guest's baseline")
+    run.dns("www1.known.test")
+    assert len(run.of("new_destination")) == 2  # nothing pending: no empty alert
