@@ -672,6 +672,19 @@ class NewDestination(Detector):
     def new_state(self) -> Any:
         return NewDestination._Known()
 
+    def baseline(self, guest: str, limit: int = 50) -> dict[str, Any]:
+        """What the guest's baseline holds, for the console's guest page: the rules file, or the
+        learned destinations (sorted, at most `limit` named) with the counts that decide whether
+        anything is "new" yet."""
+        if self.engine is not None:
+            return {"source": "rules", "file": str(self.s.baseline)}
+        k = self.guests.get(guest)
+        dests = sorted(k.dests) if k is not None else []
+        records = k.records if k is not None else 0
+        return {"source": "learned", "records": records, "min_records": self.s["min_baseline"],
+                "active": records >= self.s["min_baseline"], "destinations": len(dests),
+                "named": dests[:limit], "max_destinations": self.s["max_destinations"]}
+
     def learn(self, rec: dict[str, Any]) -> None:
         if rec.get("verdict") != "allow" or "kind" in rec:
             return
@@ -761,6 +774,13 @@ class Detectors:
             self.detectors.append(f(s, guests) if name == "new_destination" else f(s))
         self.cooldowns: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self.errors = 0
+
+    def baseline(self, guest: str) -> dict[str, Any] | None:
+        """The new_destination baseline of `guest` (None when that detector is off)."""
+        for d in self.detectors:
+            if isinstance(d, NewDestination):
+                return d.baseline(guest)
+        return None
 
     def __call__(self, rec: dict[str, Any]) -> None:
         if "kind" in rec or rec.get("rule") == "quarantine":

@@ -450,6 +450,11 @@ class Console:
                                    sorted(st.destinations.items(), key=lambda kv: -kv[1])[:20]]
             out["denials"] = list(reversed(st.last_denials))
             out["alerts_recent"] = list(reversed(st.last_alerts))
+        det = getattr(getattr(self.sup, "quarantine", None), "detectors", None)
+        base = det.baseline(name) if det is not None else None
+        if base is not None and "named" in base:
+            base["named"] = [clean(d, 120) for d in base["named"]]
+        out["baseline"] = base
         out["rules"] = [r for r in self.rules if r["guests"] is None or name in r["guests"]]
         out["policy_file"] = str(getattr(self.sup.config, "policy_file", ""))
         return out

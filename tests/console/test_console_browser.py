@@ -48,7 +48,9 @@ async def test_console_in_chromium(tmp_path: Path, upstream1, lab_ca) -> None:  
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "quarantine.json").write_text(json.dumps({"version": 1, "guests": {
         HTML_GUEST: {"profile": "block", "reason": "<b>bold</b>", "by": "cli", "since": "2026-01-01T00:00:00Z"}}}))
-    pvm, token, port = write_lab(tmp_path, ca=lab_ca.ca_pem, upstream=upstream1)
+    # new_destination learns web1's baseline from the traffic below (5 allowed requests make it active)
+    pvm, token, port = write_lab(tmp_path, ca=lab_ca.ca_pem, upstream=upstream1,
+                                 extra="detect:\n  new_destination: {min_baseline: 5}\n")
     await asyncio.to_thread(pvm.start)
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -134,6 +136,10 @@ async def test_console_in_chromium(tmp_path: Path, upstream1, lab_ca) -> None:  
         dests = await b.eval("[...document.querySelectorAll('#destinations td.mono')].map(t => t.textContent)")
         assert dests[0] == "www.lab.test" and "blocked.lab.test" in dests
         assert await b.eval("document.querySelector('#denials td.what').textContent") == "blocked.lab.test A"
+        baseline = await b.eval("document.querySelector('#baseline').innerText")
+        # 12 allowed requests of web1 to one base domain (the denied one is not learned)
+        assert "learned from 12 allowed requests, 1 destinations" in baseline and "dns:lab.test" in baseline, baseline
+        assert "not active" not in baseline, baseline
         assert await b.eval("document.querySelector('#guest-quarantine').textContent") == "Not quarantined"
         await b.choose("#q-profile", "block")
         await b.type("#q-reason", "beaconing <seen in console>")

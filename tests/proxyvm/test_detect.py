@@ -399,3 +399,23 @@ def test_new_destination_one_alert_per_window_with_the_names() -> None:
     assert second.reason.startswith("100 new destinations not in the guest's baseline")
     run.dns("www1.known.test")
     assert len(run.of("new_destination")) == 2  # nothing pending: no empty alert
+
+
+
+def test_new_destination_baseline_view_for_the_console() -> None:
+    """The guest page's baseline: learned destinations with the counts that make it active."""
+    det = Detectors(settings(text="new_destination: {min_baseline: 3}\n"), lambda a, s: None, ["web1"],
+                    clock=lambda: 1000.0)
+    b = det.baseline("web1")
+    assert b is not None
+    assert (b["source"], b["records"], b["min_records"], b["active"], b["named"]) == ("learned", 0, 3, False, [])
+    for seq, (verdict, q) in enumerate([("allow", "a.example.com"), ("allow", "b.example.com"),
+                                        ("deny", "evil.example.net"), ("allow", "www.example.org")]):
+        det({"seq": seq, "guest": "web1", "protocol": "dns", "verdict": verdict, "rule": "r",
+             "request": {"qname": q, "qtype": "A"}})
+    b = det.baseline("web1")
+    assert b is not None
+    assert (b["records"], b["active"], b["destinations"], b["named"]) == \
+        (3, True, 2, ["dns:example.com", "dns:example.org"])
+    off = Detectors(settings(text="new_destination: false\n"), lambda a, s: None, ["web1"], clock=lambda: 1000.0)
+    assert off.baseline("web1") is None

@@ -225,8 +225,27 @@ function renderGuest(main, g) {
   const dests = el("table", { id: "destinations" }, el("tr", {}, el("th", {}, "destination"), el("th", {}, "requests")));
   for (const [d, n] of g.destinations || []) dests.append(el("tr", {}, el("td", { class: "mono" }, d), el("td", { class: "num" }, n)));
   main.append(el("h2", {}, "Top destinations"), dests);
+  main.append(el("h2", {}, "Baseline"), baselineView(g.baseline));
   main.append(el("h2", {}, "Recent denials"), recordTable("denials", g.denials || []));
   main.append(el("h2", {}, "Recent alerts"), recordTable("alerts", g.alerts_recent || []));
+}
+
+// The new_destination detector's baseline: what counts as "seen before" for this guest.
+function baselineView(b) {
+  const box = el("div", { id: "baseline" });
+  if (!b) {
+    box.append(el("p", { class: "muted" }, "the new_destination detector is off: no baseline"));
+  } else if (b.source === "rules") {
+    box.append(el("p", {}, "from the rules file ", el("span", { class: "mono" }, b.file)));
+  } else {
+    box.append(el("p", {}, `learned from ${b.records} allowed requests, ${b.destinations} destinations` +
+      (b.active ? "" : ` (not active before ${b.min_records} requests: nothing is "new" yet)`)));
+    const list = el("ul", { class: "mono" });
+    for (const d of b.named || []) list.append(el("li", {}, d));
+    if (b.destinations > (b.named || []).length) list.append(el("li", { class: "muted" }, `and ${b.destinations - b.named.length} more`));
+    box.append(list);
+  }
+  return box;
 }
 
 function pageGuest(main) {
