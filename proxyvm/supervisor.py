@@ -329,7 +329,8 @@ class Supervisor:
             self.audit_event("reload_rejected", "new config/policy invalid; old one stays in force", kind="reload",
                              errors=msg, policy=self.policy_digest)
             return False
-        changed = [n for n in ("audit", "admin", "user", "state_dir") if getattr(config, n) != getattr(self.config, n)]
+        changed = [n for n in ("audit", "admin", "user", "state_dir", "workers")
+                   if getattr(config, n) != getattr(self.config, n)]
         if changed:
             log.warning("reload: %s changed; those take effect on restart", ", ".join(changed))
         results: dict[str, dict[str, Any]] = {}
