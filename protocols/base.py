@@ -88,7 +88,7 @@ async def reload_service(service: Service, old_engine: Any, settings: Any, engin
 
 def stamp_policy(record: dict[str, Any], digest: str) -> dict[str, Any]:
     """`record` with the digest of the policy in force (decision records only; a record that
-    already names one, e.g. from an HTTP pool child, keeps it)."""
+    already names one keeps it)."""
     if "kind" in record or "policy" in record or not digest:
         return record
     return {**record, "policy": digest}

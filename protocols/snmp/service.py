@@ -174,10 +174,14 @@ class SNMPService:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> list[str]:
-        self._boots = self._bump_boots()
+        # `workers: N`: traps and informs are worker 0's alone. It is the proxy's one authoritative
+        # engine for the v3 TRAPs it sends (boots and time per engine ID must not go backwards at
+        # a receiver), and trap volume is small; requests are spread over every worker.
+        first = self.ctx.worker == 0
+        self._boots = self._bump_boots() if first else 0
         out = []
         for handler, addrs in ((self.handle_datagram, self.settings.listen),
-                               (self.handle_trap, self.settings.traps_listen)):
+                               (self.handle_trap, self.settings.traps_listen if first else ())):
             for host, port in addrs:
                 listener: Any = (_TransparentListener(handler, host, port, self.ctx.reuse_port) if self._transparent()
                                  else _Listener(self, handler, host, port))
