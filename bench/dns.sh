@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # DNS benchmark (not a test): proxyvm vs Unbound (forward-tls-upstream, num-threads 1) vs Stubby,
+# and proxyvm `dns: workers: 2` vs Unbound `num-threads: 2` (rows proxyvm-w2, unbound-t2),
 # all forwarding over DoT to one local Unbound upstream; dnsperf cache-hit / cache-miss qps and
 # p50/p99 latency at a fixed rate; median of 3 interleaved rounds, ratios from the same run.
 # Needs: unbound, stubby, dnsperf (Debian packages; see .ci/packages-dns.txt). Run as root.

@@ -3,7 +3,10 @@ forwarding over DoT to the same local Unbound upstream (lab CA, wildcard zone), 
 
 Rows: `proxyvm` is the product as deployed (`proxyvm run -c CONFIG`: supervisor, DNS worker, audit
 written to disk with its chain); `proxyvm-svc` (extra row) is the DNS service alone with an audit
-sink that only counts records.
+sink that only counts records; `proxyvm-w2` is `proxyvm run` with `dns: workers: 2` (two worker
+processes on SO_REUSEPORT sockets, one audit writer) and `unbound-t2` Unbound with `num-threads: 2`
+(its own SO_REUSEPORT per thread): the two rows are loaded with dnsperf -c 8 (8 source ports, so
+that the kernel's 4-tuple hash has something to spread), the other rows with -c 4.
 Workloads: cache-hit (50 names repeated, warmed first), cache-miss (unique names, each asked once,
 answered upstream by a wildcard), and latency at a fixed 2,000 qps (p50/p99 from dnsperf -v).
 Each figure is the median of 3 runs; ratios are proxyvm / Unbound from the same run.
@@ -118,18 +121,19 @@ class Up:
     hit_names: tuple[str, ...] = ()  # the cache-hit workload; default h0..h49.<zone>
 
 
-def start_proxyvm_run(d: Path, ca: Path, up: Up) -> tuple[Daemon, str, int]:
-    """The product as deployed: `proxyvm run -c CONFIG` (supervisor, DNS worker, audit written to
+def start_proxyvm_run(d: Path, ca: Path, up: Up, workers: int = 1) -> tuple[Daemon, str, int]:
+    """The product as deployed: `proxyvm run -c CONFIG` (supervisor, DNS worker(s), audit written to
     disk with its hash chain, admin endpoint), policy `default: allow`."""
-    ip, port = "127.0.3.2", free_port("127.0.3.2")
-    run = d / "run"
+    ip = "127.0.3.2" if workers == 1 else "127.0.3.3"
+    port = free_port(ip)
+    run = d / ("run" if workers == 1 else f"run-w{workers}")
     run.mkdir(exist_ok=True)
     dnssec = f"validate\n  trust_anchors: {up.anchors}" if up.anchors else "off"
     (run / "rules.yaml").write_text("mode: enforce\ndefault: allow\nrules: []\n")
     (run / "proxyvm.yaml").write_text(
-        f"policy: rules.yaml\naudit: {{path: audit.jsonl}}\nadmin: {{listen: \"127.0.3.2:{free_port('127.0.3.2')}\"}}\n"
+        f"policy: rules.yaml\naudit: {{path: audit.jsonl}}\nadmin: {{listen: \"{ip}:{free_port(ip)}\"}}\n"
         f"state_dir: state\nhttp: false\n"
-        f"dns:\n  listen: [\"{ip}:{port}\"]\n  ca_file: {ca}\n  dnssec: {dnssec}\n  cache: {{size: 100000}}\n"
+        f"dns:\n  listen: [\"{ip}:{port}\"]\n  workers: {workers}\n  ca_file: {ca}\n  dnssec: {dnssec}\n  cache: {{size: 100000}}\n"
         f"  limits: {{inflight: 100000}}\n"
         f"  upstreams:\n    - {{address: \"{up.ip}:853\", name: {up.name}}}\n"
     )
@@ -156,21 +160,23 @@ def start_proxyvm(d: Path, ca: Path, up: Up) -> tuple[Daemon, str, int]:
     return daemon, ip, port
 
 
-def start_unbound_forwarder(d: Path, ca: Path, up: Up) -> tuple[Daemon, str, int]:
+def start_unbound_forwarder(d: Path, ca: Path, up: Up, threads: int = 1) -> tuple[Daemon, str, int]:
     ip = pick_ip((53,))
     port = free_port(ip)
-    conf = d / "unbound-fwd.conf"
+    stem = "unbound-fwd" if threads == 1 else f"unbound-fwd-t{threads}"
+    conf = d / f"{stem}.conf"
     conf.write_text(f"""server:
     interface: {ip}@{port}
     do-daemonize: no
     chroot: ""
     username: ""
     directory: "{d}"
-    pidfile: "{d}/unbound-fwd.pid"
+    pidfile: "{d}/{stem}.pid"
     use-syslog: no
-    logfile: "{d}/unbound-fwd.log"
+    logfile: "{d}/{stem}.log"
     verbosity: 0
-    num-threads: 1
+    num-threads: {threads}
+    so-reuseport: yes
     access-control: 127.0.0.0/8 allow
     module-config: "{'validator iterator' if up.anchors else 'iterator'}"
     {f'trust-anchor-file: "{up.anchors}"' if up.anchors else ""}
@@ -187,7 +193,7 @@ forward-zone:
     forward-addr: {up.ip}@853#{up.name}
 """)
     daemon = Daemon(["unbound", "-d", "-c", str(conf)], ready=lambda: wait_port(ip, port, timeout=0.2) is None,
-                    log=d / "unbound-fwd.stderr").start()
+                    log=d / f"{stem}.stderr").start()
     return daemon, ip, port
 
 
@@ -223,8 +229,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="proxyvm,proxyvm-svc,unbound,stubby",
-                    help="proxyvm = `proxyvm run` as deployed; proxyvm-svc = the service alone, audit counted")
+    ap.add_argument("--only", default="proxyvm,proxyvm-svc,unbound,stubby,proxyvm-w2,unbound-t2",
+                    help="proxyvm = `proxyvm run` as deployed; proxyvm-svc = the service alone, audit counted; "
+                         "proxyvm-w2 = `proxyvm run` with dns workers: 2; unbound-t2 = Unbound num-threads: 2")
     ap.add_argument("--latency-rate", type=int, default=2000)
     ap.add_argument("--validate", action="store_true",
                     help="DNSSEC on: proxyvm (dnssec: validate) vs a validating Unbound, signed lab zones")
@@ -254,7 +261,10 @@ def main() -> int:
         up = Up(up_ip, "dot1.bench.test", "wild.test")
         upstream_daemons = [upstream.daemon]
     systems = {"proxyvm": start_proxyvm_run, "proxyvm-svc": start_proxyvm, "unbound": start_unbound_forwarder,
-               "stubby": start_stubby}
+               "stubby": start_stubby,
+               "proxyvm-w2": lambda d, ca, up: start_proxyvm_run(d, ca, up, workers=2),
+               "unbound-t2": lambda d, ca, up: start_unbound_forwarder(d, ca, up, threads=2)}
+    wide = {"proxyvm-w2", "unbound-t2"}  # two processes/threads: more source ports to spread
     hit_file = d / "hit.txt"
     hit_names = up.hit_names or tuple(f"h{i}.{up.zone}" for i in range(50))
     hit_file.write_text("".join(f"{n} A\n" for n in hit_names))
@@ -280,15 +290,16 @@ def main() -> int:
         for run in range(args.runs):
             for name, (ip, port) in endpoints.items():
                 r = raw[name]
+                c = 8 if name in wide else 4
                 c0 = cpu_seconds(pids[name])
-                out = dnsperf(ip, port, hit_file, seconds=args.seconds)
+                out = dnsperf(ip, port, hit_file, seconds=args.seconds, clients=c)
                 r["hit_cpu"].append((cpu_seconds(pids[name]) - c0) * 1e6 / max(1, queries_of(out)))
                 r["hit"].append(qps_of(out))
                 r["hit_rcodes"].append(rcodes_of(out))
                 miss_file = d / f"miss-{name}-{run}.txt"
                 miss_file.write_text("".join(f"m{run}-{name}-{os.getpid()}-{i}.{up.zone} A\n" for i in range(400_000)))
                 c0 = cpu_seconds(pids[name])
-                out = dnsperf(ip, port, miss_file, seconds=args.seconds, once=True)
+                out = dnsperf(ip, port, miss_file, seconds=args.seconds, once=True, clients=c)
                 r["miss_cpu"].append((cpu_seconds(pids[name]) - c0) * 1e6 / max(1, queries_of(out)))
                 r["miss"].append(qps_of(out))
                 r["miss_rcodes"].append(rcodes_of(out))
@@ -339,6 +350,15 @@ def main() -> int:
         print(f"\nproxyvm / unbound: cache-hit {p['hit_qps'] / u['hit_qps']:.2f}x (goal >= 0.8), "
               f"cache-miss {p['miss_qps'] / u['miss_qps']:.2f}x (goal >= {miss_goal}); CPU per query "
               f"{p['hit_cpu'] / u['hit_cpu']:.1f}x (hits), {p['miss_cpu'] / u['miss_cpu']:.1f}x (misses)")
+    if "proxyvm-w2" in results and "unbound-t2" in results:
+        p, u = results["proxyvm-w2"], results["unbound-t2"]
+        print(f"workers: 2 / num-threads: 2 (proxyvm-w2 / unbound-t2): cache-hit {p['hit_qps'] / u['hit_qps']:.2f}x, "
+              f"cache-miss {p['miss_qps'] / u['miss_qps']:.2f}x; CPU per query {p['hit_cpu'] / u['hit_cpu']:.1f}x (hits), "
+              f"{p['miss_cpu'] / u['miss_cpu']:.1f}x (misses)")
+    if "proxyvm" in results and "proxyvm-w2" in results:
+        p, w = results["proxyvm"], results["proxyvm-w2"]
+        print(f"proxyvm workers: 2 / workers: 1: cache-hit {w['hit_qps'] / p['hit_qps']:.2f}x, "
+              f"cache-miss {w['miss_qps'] / p['miss_qps']:.2f}x")
     if "proxyvm" in results and "proxyvm-svc" in results:
         p, s = results["proxyvm"], results["proxyvm-svc"]
         print(f"proxyvm run / service alone (audit counted, not written): cache-hit {p['hit_qps'] / s['hit_qps']:.2f}x, "

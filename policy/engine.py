@@ -36,6 +36,7 @@ from policy.model import (
     Rule,
 )
 from policy.parser import UNKNOWN_GUEST, parse_policy, read_name_file
+from policy.shared_rate import bucket_key
 from policy.source import Problem, SourceError
 
 Clock = Callable[[], float]
@@ -321,6 +322,10 @@ class Engine:
         self.guests = frozenset(guests) | {UNKNOWN_GUEST}
         self.clock = clock
         self._buckets: dict[tuple[int, str], _Bucket] = {}
+        # `workers: N`: buckets in a table every worker of the service shares (policy.shared_rate);
+        # None: this process's own (_buckets). `_keys` caches each (rule, guest)'s table key.
+        self.shared_rates: Any = None
+        self._keys: dict[tuple[int, str], int] = {}
         self._tables: dict[str, _Table] = dict(tables)
         self.digest = ""  # "sha256:<hex>" of the rules (and list) files compiled; set by compile()
 
@@ -420,6 +425,14 @@ class Engine:
             guest = UNKNOWN_GUEST  # bounded state: one bucket per known guest
         key = (entry.global_index, guest)
         now = self.clock()
+        shared = self.shared_rates
+        if shared is not None:
+            k = self._keys.get(key)
+            if k is None:
+                k = self._keys[key] = bucket_key(entry.rule.id, rate.text, guest)
+            took = shared.take(k, float(rate.count), float(rate.period), now)
+            if took is not None:
+                return took
         b = self._buckets.get(key)
         if b is None:
             self._buckets[key] = _Bucket(rate.count - 1.0, now)
@@ -451,7 +464,10 @@ class Engine:
 
     def inherit_rate_state(self, old: Engine) -> None:
         """After a reload, keep the token buckets of rules whose id and rate are unchanged, so a
-        SIGHUP does not hand every guest a fresh allowance."""
+        SIGHUP does not hand every guest a fresh allowance. A shared table (workers: N) carries
+        over as a whole: its keys name rules by id and rate."""
+        if self.shared_rates is None:
+            self.shared_rates = old.shared_rates
         new_by_id = {r.id: r for r in self.policy.rules}
         old_rules = old.policy.rules
         for (index, guest), bucket in old._buckets.items():

@@ -73,6 +73,16 @@ class ServiceContext:
     timestamp: Callable[[], str] | None = None
     """Source of `ts` (a MilliClock in the worker). None leaves `ts` to the sink (unit tests)."""
 
+    worker: int = 0
+    """This process's index among the service's `workers` (0..workers-1)."""
+    workers: int = 1
+    """`workers: N`: processes serving this service; above 1 every listener is bound with
+    SO_REUSEPORT (`reuse_port`) so that each process has its own socket on the same port."""
+
+    @property
+    def reuse_port(self) -> bool:
+        return self.workers > 1
+
     def record(
         self,
         decision: Decision,
@@ -170,7 +180,7 @@ def duration_ms(seconds: float) -> float:
 
 
 async def reload_service(service: Service, old_engine: Any, settings: Any, engine: Any) -> None:
-    """The one reload path of every service process (the worker and each HTTP pool child).
+    """The one reload path of every service process (`proxyvm.worker`).
 
     The bookkeeping a reload owes every guest happens here, not in the services: the token buckets
     of rules whose id and rate are unchanged carry over to the new engine, so a SIGHUP never hands

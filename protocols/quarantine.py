@@ -31,7 +31,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 def apply_table(ctx: Any, service: Any, table: dict[str, dict[str, Any]] | None) -> None:
     """The worker's side of `{"t": "quarantine", "table": ...}`: replace the table in place (services
-    keep a reference to the same dict) and tell a service that forwards it (HTTP pool children)."""
+    keep a reference to the same dict) and tell the service, if it has a `quarantine_changed` hook."""
     q = ctx.quarantine
     q.clear()
     q.update(table or {})

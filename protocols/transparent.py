@@ -60,13 +60,15 @@ def _parse_sockaddr(data: bytes) -> Address | None:
     return None
 
 
-def open_transparent_udp(host: str, port: int) -> socket.socket:
+def open_transparent_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket that accepts TPROXY'd datagrams for any destination and reports
-    each one's original destination."""
+    each one's original destination. `reuse_port`: SO_REUSEPORT (one socket per worker process)."""
     v6 = ipaddress.ip_address(host).version == 6
     s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if v6:
             s.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
             s.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
@@ -169,8 +171,8 @@ class TransparentUDP:
     """Serve a TPROXY'd UDP port: `handler(data, src, orig_dst)` returns the reply (or None), which
     is sent from `orig_dst` when known, else from the listening socket."""
 
-    def __init__(self, host: str, port: int, handler: Handler):
-        self.sock = open_transparent_udp(host, port)
+    def __init__(self, host: str, port: int, handler: Handler, reuse_port: bool = False):
+        self.sock = open_transparent_udp(host, port, reuse_port)
         self.handler = handler
         self.reply = ReplyFrom()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -128,6 +128,9 @@ class Config:
     detect: Any = None  # proxyvm.detect.DetectSettings (None: no `detect:` section, every detector off)
     quarantine: Any = None  # proxyvm.quarantine.QuarantineSettings (None: the defaults)
     fleet: Any = None  # proxyvm.fleet.FleetSettings (None: not in a fleet)
+    # `workers: N` of each protocol section that sets it (absent: 1): processes the supervisor
+    # runs for that service, each with its own SO_REUSEPORT listeners (proxyvm.supervisor).
+    workers: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def policy_file(self) -> Path:
@@ -137,6 +140,10 @@ class Config:
     @property
     def guest_names(self) -> frozenset[str]:
         return frozenset(self.guests)
+
+    def workers_of(self, name: str) -> int:
+        """Worker processes for service `name` (1 unless its section says `workers: N`)."""
+        return int(self.workers.get(name, 1))
 
     def services(self) -> dict[str, Any]:
         """Enabled protocol sections in SECTIONS order: {"dns": DNSSettings, ...}."""
@@ -460,6 +467,20 @@ def _section_parser(name: str) -> Callable[[Node, Path], Any]:
     return parse
 
 
+MAX_WORKERS = 64
+
+
+def _take_workers(name: str, node: Node, workers: dict[str, int]) -> None:
+    """`workers: N` (1..MAX_WORKERS) is the supervisor's, the same for every protocol section: read
+    it here and hide it from the section's own parser (except http's, which still reads it)."""
+    if not isinstance(node.value, dict) or "workers" not in node.value:
+        return
+    entry = node.get_map()["workers"]
+    if name != "http":
+        del node.value["workers"]  # in place: the other keys keep their line:col
+    workers[name] = entry.int(min=1, max=MAX_WORKERS, what="workers")
+
+
 def _parse_section(name: str, key: Node, node: Node, base: Path) -> Any:
     """Settings for one protocol section; `false` turns it off (None)."""
     if node.value is False:
@@ -558,6 +579,7 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
         response["fleet"] = problems.attempt(lambda: parse_fleet(top["fleet"]), None)
 
     sections: dict[str, Any] = {}
+    workers: dict[str, int] = {}
     unavailable: list[str] = []
     for name in SECTIONS:
         if name not in top:
@@ -570,6 +592,7 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
                 unavailable.append(name)
                 continue
         key = _key_node(root, name, node)
+        problems.attempt(lambda n=name, v=node: _take_workers(n, v, workers), None)
         sections[name] = problems.attempt(lambda n=name, k=key, v=node: _parse_section(n, k, v, base), None)
 
     # Report in file order, whichever part found them (sorted() is stable for equal places).
@@ -587,6 +610,7 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
         state_dir=state_dir,
         unavailable=tuple(unavailable),
         builtin=builtin,
+        workers=MappingProxyType({k: v for k, v in workers.items() if sections.get(k) is not None}),
         **response,
         **sections,
     )

@@ -173,7 +173,7 @@ class Quarantine:
 
     def push(self) -> None:
         data = self.message()
-        for s in self.sup.services.values():
+        for s in self.sup.procs():  # every worker of every service
             w = s.writer
             if w is not None and not w.is_closing() and s.state == "ready":
                 try:

@@ -10,7 +10,8 @@ rcodes, EDE codes, DNSSEC outcomes, HTTP status codes, SNMP ops and error names 
 the service that counts them).
 
 Counters come from the workers' own counts: a restarted worker starts from 0 again (a counter
-reset, which `rate()` handles).
+reset, which `rate()` handles). A service with `workers: N` is rendered once, from its workers'
+health dicts merged by `merge_health` (counts summed).
 """
 
 from __future__ import annotations
@@ -79,6 +80,56 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
+# Keys whose values are not additive across the workers of one service: the largest one wins.
+_MAX_KEYS = frozenset({"oldest_age", "srtt_ms"})
+_FIRST_KEYS = frozenset({"pid", "index", "listeners", "listening"})  # worker 0's
+# Lists of dicts merged by this key (e.g. DNS upstreams by name): each worker has its own view.
+_LIST_KEYS = ("name", "address")
+
+
+def merge_health(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One service's health from its workers' health dicts: numbers summed (gauges such as open
+    connections and spool depth too: each worker has its own), except `_MAX_KEYS` (maximum);
+    nested dicts merged the same way; lists of dicts merged item by item on their name; a `state`
+    is "ok" only when every worker's is; other values are the first worker's."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            if k not in out:
+                out[k] = _copy(v)
+                continue
+            out[k] = _merge_value(k, out[k], v)
+    return out
+
+
+def _copy(v: Any) -> Any:
+    if isinstance(v, dict):
+        return merge_health([v])
+    if isinstance(v, list):
+        return [_copy(x) for x in v]
+    return v
+
+
+def _merge_value(key: str, a: Any, b: Any) -> Any:
+    if key == "state":
+        return a if a == b else ("degraded" if "ok" in (a, b) else a)
+    if key in _FIRST_KEYS or isinstance(a, bool) or isinstance(b, bool):
+        return a
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return max(a, b) if key in _MAX_KEYS else a + b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return merge_health([a, b])
+    if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) for x in a + b):
+        def name(x: dict[str, Any]) -> Any:
+            return next((x[k] for k in _LIST_KEYS if k in x), None)
+        merged: dict[Any, dict[str, Any]] = {}
+        for x in a + b:
+            n = name(x)
+            merged[n] = merge_health([merged[n], x]) if n in merged else _copy(x)
+        return list(merged.values())
+    return a
+
+
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
 
@@ -109,8 +160,8 @@ class ServiceMetrics(Collector):
 
     # -- families -------------------------------------------------------------------------------
     def _health(self, name: str) -> dict[str, Any]:
-        s = self.sup.services.get(name)
-        return s.health if s is not None and isinstance(s.health, dict) else {}
+        h = self.sup.service_health(name) if name in self.sup.services else {}
+        return h if isinstance(h, dict) else {}
 
     def collect(self) -> Any:
         fams: dict[str, Any] = {}

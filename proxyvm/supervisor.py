@@ -1,6 +1,11 @@
-"""The supervisor behind `proxyvm run`: one process per protocol service, restarted when it dies.
+"""The supervisor behind `proxyvm run`: `workers: N` processes per protocol service (default 1),
+each restarted when it dies.
 
-Owns: spawning workers (`proxyvm.worker`) with a control channel each, restart with backoff,
+Owns: spawning workers (`proxyvm.worker`, the same code path for every worker of every service)
+with a control channel each, restart with backoff (per worker: the others keep serving), the
+shared rate table of each service (created before its workers start, policy.shared_rate), one
+/healthz entry per service with its workers, the single audit writer (records arrive from workers
+over their channels),
 the single audit writer (records arrive from workers over their channels), the admin endpoint,
 and the signals: SIGHUP validates config + policy and, only if valid, tells every worker to reload
 (an invalid file is rejected with its errors and the old one stays in force); SIGTERM/SIGINT drain
@@ -25,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from policy import shared_rate
 from proxyvm import channel, quarantine
 from proxyvm.admin import AdminServer, Metrics
 from proxyvm.audit import AuditLog
@@ -44,7 +50,10 @@ LEARN_WARNING = ("policy mode is learn: every request is allowed and recorded, n
 
 @dataclass
 class ServiceState:
-    name: str
+    """One worker process of a service (`index` among its `workers: N`)."""
+
+    name: str  # the service
+    index: int = 0
     proc: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
     state: str = "starting"  # starting | ready | restarting | failed | stopped
@@ -57,6 +66,11 @@ class ServiceState:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     reload_waiter: asyncio.Future[dict[str, Any]] | None = None
 
+    @property
+    def label(self) -> str:
+        """For logs: "dns" (worker 0), "dns.1", ..."""
+        return f"{self.name}.{self.index}" if self.index else self.name
+
 
 class Supervisor:
     def __init__(self, config_path: str | None, config: Any, services: list[str], unavailable: dict[str, str],
@@ -66,7 +80,9 @@ class Supervisor:
         self.policy_mode = policy_mode  # of the policy the workers run (updated by a successful reload)
         self.learn_warning_every = LEARN_WARNING_EVERY
         self.policy_digest = policy_digest  # "sha256:..." of the policy the workers run
-        self.services = {name: ServiceState(name) for name in services}
+        # service -> its workers, in index order (`workers: N` of its section)
+        self.services: dict[str, list[ServiceState]] = {
+            name: [ServiceState(name, i) for i in range(config.workers_of(name))] for name in services}
         self.unavailable = unavailable
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit.path, config.audit.rotate_size, config.audit.keep)
@@ -86,6 +102,7 @@ class Supervisor:
         self.metrics.registry.register(ServiceMetrics(self))
         self.fleet: Any = None  # proxyvm.fleet.node.FleetNode when `fleet:` is set (run())
         self.policy_path: Path | None = None  # a fleet policy bundle in force instead of `policy:`
+        self.rate_tables: dict[str, Path] = {}  # service -> its shared rate table (run())
 
     # -- audit --------------------------------------------------------------------------------
     def write_audit(self, records: list[dict[str, Any]]) -> None:
@@ -162,16 +179,27 @@ class Supervisor:
         if self.policy_mode == "learn":
             body["warnings"] = [LEARN_WARNING]
         ok = True
-        for s in self.services.values():
-            svc_ok = s.state == "ready" and s.health.get("state", "ok") == "ok"
+        for name, group in self.services.items():
+            states = [_worker_state(w) for w in group]
+            svc_ok = all(st == "ok" for st in states)
             ok = ok and svc_ok
-            body["services"][s.name] = {
-                "state": s.state if s.state != "ready" else s.health.get("state", "ok"),
-                "pid": s.proc.pid if s.proc else None,
-                "listening": s.listening,
-                "restarts": s.restarts,
-                **({"last_error": s.last_error} if s.last_error else {}),
-                "detail": s.health,
+            first = group[0]
+            errors = [f"{w.label}: {w.last_error}" if w.index else w.last_error for w in group if w.last_error]
+            body["services"][name] = {
+                # ok when every worker is; a dead worker makes the service degraded while the others
+                # serve (restarting / failed only when none is up)
+                "state": "ok" if svc_ok else (next(st for st in states if st != "ok") if len(group) == 1 or
+                                              "ok" not in states else "degraded"),
+                "pid": first.proc.pid if first.proc else None,
+                "listening": first.listening,
+                "restarts": sum(w.restarts for w in group),
+                **({"last_error": "; ".join(errors)} if errors else {}),
+                "detail": self.service_health(name),
+                "workers": [
+                    {"index": w.index, "pid": w.proc.pid if w.proc else None, "state": st, "restarts": w.restarts,
+                     **({"last_error": w.last_error} if w.last_error else {}), "detail": w.health}
+                    for w, st in zip(group, states, strict=True)
+                ],
             }
         for name, why in self.unavailable.items():
             body["services"][name] = {"state": "unavailable", "reason": why}
@@ -181,10 +209,32 @@ class Supervisor:
             body["fleet"] = self.fleet.health()
         return ok, body
 
+    def service_health(self, name: str) -> dict[str, Any]:
+        """The health of service `name` as one dict: its workers' health dicts merged (counters
+        summed; see `proxyvm.service_metrics.merge_health`)."""
+        from proxyvm.service_metrics import merge_health
+
+        group = self.services.get(name) or []
+        if len(group) == 1:
+            return group[0].health
+        return merge_health([w.health for w in group if w.health])
+
+    def procs(self) -> list[ServiceState]:
+        """Every worker process of every service."""
+        return [w for group in self.services.values() for w in group]
+
+    def _set_up(self, name: str) -> None:
+        """proxyvm_service_up: 1 while every worker of the service is ready."""
+        self.metrics.up.labels(name).set(int(all(w.state == "ready" for w in self.services.get(name, []))))
+
     # -- workers ------------------------------------------------------------------------------
     async def _spawn(self, s: ServiceState) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [sys.executable, "-m", "proxyvm.worker", "--service", s.name, "--fd", str(child.fileno())]
+        argv = [sys.executable, "-m", "proxyvm.worker", "--service", s.name, "--fd", str(child.fileno()),
+                "--index", str(s.index)]
+        rates = self.rate_tables.get(s.name)
+        if rates is not None:
+            argv += ["--rates", str(rates)]
         if self.config_path:
             argv += ["--config", self.config_path]
         if self.policy_path is not None:
@@ -220,9 +270,9 @@ class Supervisor:
                     s.state = "ready"
                     s.listening = list(msg.get("listening", []))
                     s.last_error = ""
-                    self.metrics.up.labels(s.name).set(1)
+                    self._set_up(s.name)
                     for item in s.listening:
-                        log.info("%s listening on %s", s.name, item)
+                        log.info("%s listening on %s", s.label, item)
                     if self.quarantine is not None:  # every (re)started worker gets the table
                         self.quarantine.send_to(s)
                     s.ready.set()
@@ -233,11 +283,12 @@ class Supervisor:
                         s.reload_waiter.set_result(msg)
                 elif t == "fatal":
                     s.last_error = str(msg.get("error", ""))
-                    log.error("%s failed: %s", s.name, s.last_error)
+                    log.error("%s failed: %s", s.label, s.last_error)
         except (ConnectionError, ValueError) as e:
-            log.error("%s: control channel broken: %s", s.name, e)
+            log.error("%s: control channel broken: %s", s.label, e)
         rc = await proc.wait()
-        self.metrics.up.labels(s.name).set(0)
+        s.state = "restarting"
+        self._set_up(s.name)
         if s.reload_waiter and not s.reload_waiter.done():
             s.reload_waiter.set_result({"ok": False, "errors": "worker exited"})
         if self.draining:
@@ -252,8 +303,9 @@ class Supervisor:
         why = s.last_error or (f"exit status {rc}" if rc >= 0 else f"killed by signal {-rc}")
         s.last_error = why
         s.state = "restarting"
-        log.error("%s worker (pid %d) died: %s; restarting in %.1fs", s.name, proc.pid, why, s.backoff)
-        self.audit_event("service_crash", f"{s.name} service died ({why}); restarting", service=s.name)
+        log.error("%s worker (pid %d) died: %s; restarting in %.1fs", s.label, proc.pid, why, s.backoff)
+        self.audit_event("service_crash", f"{s.label} service died ({why}); restarting", service=s.name,
+                         **({"worker": s.index} if len(self.services.get(s.name, ())) > 1 else {}))
         s.ready.set()
         delay, s.backoff = s.backoff, min(s.backoff * 2, BACKOFF_MAX)
         try:
@@ -277,20 +329,27 @@ class Supervisor:
             self.audit_event("reload_rejected", "new config/policy invalid; old one stays in force", kind="reload",
                              errors=msg, policy=self.policy_digest)
             return False
-        changed = [n for n in ("audit", "admin", "user", "state_dir") if getattr(config, n) != getattr(self.config, n)]
+        changed = [n for n in ("audit", "admin", "user", "state_dir", "workers")
+                   if getattr(config, n) != getattr(self.config, n)]
         if changed:
             log.warning("reload: %s changed; those take effect on restart", ", ".join(changed))
-        results = {}
-        packed = channel.pack(config)
-        for s in self.services.values():
-            if s.state != "ready" or s.writer is None:
-                continue
+        results: dict[str, dict[str, Any]] = {}
+        packed = channel.encode({"t": "reload", "config": channel.pack(config)})
+
+        async def one(s: ServiceState) -> dict[str, Any]:
+            assert s.writer is not None
             s.reload_waiter = asyncio.get_running_loop().create_future()
-            s.writer.write(channel.encode({"t": "reload", "config": packed}))
+            s.writer.write(packed)
             try:
-                results[s.name] = await asyncio.wait_for(s.reload_waiter, 120)
+                return await asyncio.wait_for(s.reload_waiter, 120)
             except TimeoutError:
-                results[s.name] = {"ok": False, "errors": "timeout"}
+                return {"ok": False, "errors": "timeout"}
+
+        ready = [s for s in self.procs() if s.state == "ready" and s.writer is not None]
+        for s, r in zip(ready, await asyncio.gather(*(one(s) for s in ready)), strict=True):
+            prev = results.get(s.name)
+            if prev is None or (prev.get("ok") and not r.get("ok")):  # a service's result: its worst worker's
+                results[s.name] = r
         ok = all(r.get("ok") for r in results.values())
         old_digest = self.policy_digest
         if ok:
@@ -311,18 +370,18 @@ class Supervisor:
 
     async def drain(self, timeout: float = 10.0) -> None:
         self.draining = True
-        for s in self.services.values():
+        for s in self.procs():
             if s.writer and not s.writer.is_closing():
                 try:
                     s.writer.write(channel.encode({"t": "drain", "timeout": timeout}))
                 except ConnectionError:
                     pass
-        for s in self.services.values():
+        for s in self.procs():
             if s.proc and s.proc.returncode is None:
                 try:
                     await asyncio.wait_for(s.proc.wait(), timeout + 5)
                 except TimeoutError:
-                    log.error("%s did not drain in time; killing", s.name)
+                    log.error("%s did not drain in time; killing", s.label)
                     s.proc.kill()
                     await s.proc.wait()
         # let readers consume the last audit batches
@@ -349,13 +408,15 @@ class Supervisor:
             log.warning("%s: not available yet — %s", name, why)
         self.audit_event("start", f"proxyvm started with {self.config.source}", services=list(self.services),
                          policy=self.policy_digest)
-        for s in self.services.values():
+        for name in self.services:
+            self.rate_tables[name] = shared_rate.create(shared_rate.table_path(self.config.state_dir, name))
+        for s in self.procs():
             await self._spawn(s)
-        for s in self.services.values():
+        for s in self.procs():
             try:
                 await asyncio.wait_for(s.ready.wait(), READY_TIMEOUT)
             except TimeoutError:
-                log.error("%s not ready after %ds", s.name, READY_TIMEOUT)
+                log.error("%s not ready after %ds", s.label, READY_TIMEOUT)
         if not self.services:
             log.warning("no service is enabled and available; serving only the admin endpoint")
         log.info("proxyvm ready")
@@ -400,6 +461,11 @@ class Supervisor:
         while True:
             await asyncio.sleep(0.2)
             self.audit.flush()
+
+
+def _worker_state(w: ServiceState) -> str:
+    """One worker's state for /healthz: its own, or its service's health state once ready."""
+    return w.state if w.state != "ready" else str(w.health.get("state", "ok"))
 
 
 def prepare_dirs(config: Any) -> None:

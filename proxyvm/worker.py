@@ -1,12 +1,14 @@
 """One protocol service in its own process (a compartment), driven by the supervisor.
 
-Owns: loading config + policy for one service, building its `ServiceContext`, binding (via the
-service's `start`), dropping privileges after binding, forwarding audit records and health to the
+Owns: loading config + policy for one service, building its `ServiceContext` (with this process's
+index among the service's `workers: N`; above 1 the service binds with SO_REUSEPORT), opening the
+service's shared rate table (policy.shared_rate) before the drop, binding (via the service's
+`start`), dropping privileges after binding and checking that the drop held, forwarding audit records and health to the
 supervisor, and applying reload/drain requests.
 Must not: write the audit log (the supervisor is the only writer) or outlive its supervisor (EOF on
 the channel means drain and exit).
 
-Run as: python -m proxyvm.worker --service NAME --fd N [--config PATH]
+Run as: python -m proxyvm.worker --service NAME --fd N [--index I] [--rates TABLE] [--config PATH]
 """
 
 from __future__ import annotations
@@ -124,14 +126,24 @@ def drop_privileges(user: str | None, log: logging.Logger) -> None:
     os.setgroups([])
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)
-    if os.getuid() == 0:  # pragma: no cover - setuid failing silently would be a kernel bug
-        raise RuntimeError("failed to drop root")
+    if os.getuid() == 0 or os.geteuid() == 0 or os.getegid() != pw.pw_gid or os.getgroups():
+        raise RuntimeError("failed to drop root")  # pragma: no cover - a kernel bug
+    try:  # and root cannot be had back
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:  # pragma: no cover
+        raise RuntimeError("privileges dropped but root could be regained")
     log.info("dropped privileges to %s (uid %d)", user, pw.pw_uid)
 
 
 class Worker:
-    def __init__(self, name: str, config_path: str | None, sock: socket.socket, policy_path: str | None = None):
+    def __init__(self, name: str, config_path: str | None, sock: socket.socket, policy_path: str | None = None,
+                 index: int = 0, rates: str | None = None):
         self.name = name
+        self.index = index  # among the service's `workers: N`
+        self.rates_path = rates  # the service's shared rate table (the supervisor created it)
+        self.rates: Any = None  # policy.shared_rate.SharedRates, opened before the privilege drop
         self.config_path = config_path
         self.policy_path = policy_path  # a fleet policy bundle in force instead of the config's `policy:`
         self.sock = sock
@@ -162,6 +174,16 @@ class Worker:
         settings = getattr(config, self.name)
         cls = load_service_class(self.name)
         self.inventory = Inventory(config.guests)
+        if self.rates_path:
+            from policy.shared_rate import SharedRates
+
+            try:
+                self.rates = SharedRates(self.rates_path)
+            except (OSError, ValueError) as e:
+                self.send({"t": "fatal", "error": f"rate table: {e}"})
+                await self.writer.drain()
+                return 1
+            engine.shared_rates = self.rates
         self.engine = engine
         ctx = ServiceContext(
             settings=settings,
@@ -172,6 +194,8 @@ class Worker:
             config=config,
             state_dir=config.state_dir,
             timestamp=MilliClock(),
+            worker=self.index,
+            workers=config.workers_of(self.name),
         )
         self._set_policy(ctx, getattr(engine, "digest", ""))
         self.service = cls(ctx)
@@ -184,7 +208,7 @@ class Worker:
             await self.writer.drain()
             return 1
         drop_privileges(config.user, self.log)
-        self.send({"t": "ready", "listening": listening, "pid": os.getpid()})
+        self.send({"t": "ready", "listening": listening, "pid": os.getpid(), "index": self.index})
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
@@ -234,6 +258,8 @@ class Worker:
                 h = {"state": "degraded", "error": f"health() failed: {e}"}
             if self.audit.dropped:
                 h["audit_dropped"] = self.audit.dropped
+            if self.rates is not None and self.rates.full:
+                h["rate_table_full"] = self.rates.full
             self.send({"t": "health", "h": h})
             await asyncio.sleep(HEALTH_EVERY_S)
 
@@ -269,6 +295,8 @@ class Worker:
             previous = Inventory()
             previous.replace(self.inventory)
             self.inventory.replace(inventory)
+            if self.rates is not None:
+                engine.shared_rates = self.rates  # same table: buckets of unchanged rules go on
             old_digest = self.ctx.policy
             self._set_policy(self.ctx, getattr(engine, "digest", ""))
             try:
@@ -291,14 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--config")
     ap.add_argument("--policy", help="rules file in force instead of the config's policy: (a fleet bundle)")
+    ap.add_argument("--index", type=int, default=0, help="this worker's index among the service's workers")
+    ap.add_argument("--rates", help="the service's shared rate table (created by the supervisor)")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("PROXYVM_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s {args.service}[%(process)d] %(levelname)s %(message)s",
+        format=f"%(asctime)s {args.service}{'.' + str(args.index) if args.index else ''}[%(process)d] "
+               "%(levelname)s %(message)s",
         stream=sys.stderr,
     )
     sock = socket.socket(fileno=args.fd)
-    return asyncio.run(Worker(args.service, args.config, sock, args.policy).run())
+    return asyncio.run(Worker(args.service, args.config, sock, args.policy, args.index, args.rates).run())
 
 
 if __name__ == "__main__":

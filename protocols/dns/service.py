@@ -313,13 +313,15 @@ class DNSService:
             for host, port in self.settings.listen:
                 if self.transparent:
                     # `gateway:` configured: guests' queries to any address arrive by TPROXY
-                    sock = open_transparent_udp(host, port)
+                    sock = open_transparent_udp(host, port, self.ctx.reuse_port)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
                 else:
                     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
                     sock = socket.socket(fam, socket.SOCK_DGRAM)
                     try:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+                        if self.ctx.reuse_port:  # `workers: N`: each process its own socket
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                         sock.bind((host, port))
                     except OSError:
                         sock.close()
@@ -328,7 +330,8 @@ class DNSService:
                 listener = (_TransparentUDPListener if self.transparent else _UDPListener)(self, sock)
                 listener.start(loop)
                 self.transports.append(listener)
-                srv = await loop.create_server(lambda: _TCP(self), host, port, reuse_address=True, backlog=512)
+                srv = await loop.create_server(lambda: _TCP(self), host, port, reuse_address=True, backlog=512,
+                                               reuse_port=self.ctx.reuse_port or None)
                 self.servers.append(srv)
                 shown = hostport(host, port)
                 out += [f"udp {shown}", f"tcp {shown}"]

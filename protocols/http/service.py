@@ -4,7 +4,8 @@ Owns: building one mitmproxy `Master` (no console, no web UI, no `master.run()`:
 is the loop) with only the addons we need (mitmproxy's `Proxyserver` for its options, our
 `PolicyAddon`), binding the guest-side listeners ourselves (so SO_REUSEPORT and the original
 destination are ours to handle), one mitmproxy connection handler per accepted connection,
-connection limits, reload and drain.
+connection limits, reload and drain. With `workers: N` the supervisor runs N of these processes,
+each binding its own SO_REUSEPORT listeners (`ctx.reuse_port`); the kernel spreads connections.
 Must not: decide anything about a request (the addon does) or open upstream connections itself.
 
 Why not mitmproxy's own mode servers: its transparent mode closes any connection whose
@@ -34,10 +35,9 @@ from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
 
 from protocols.addr import hostport
 from protocols.base import ServiceContext
-from protocols.http.addon import HOOKS, ConnInfo, PolicyAddon
+from protocols.http.addon import HOOKS, ConnInfo, PolicyAddon, new_traffic
 from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
-from protocols.http.workers import WorkerPool, WorkerSpec, listening_socket
 
 _MODE = mode_specs.ProxyMode.parse("regular")
 
@@ -89,8 +89,6 @@ class HTTPService:
         self._listen_addrs: set[tuple[str, int]] = set()
         self._accepting = False
         self.refused = 0
-        self.inherited: dict[str, list[socket.socket]] | None = None  # set in SO_REUSEPORT workers
-        self.pool: WorkerPool | None = None
         self._dispatch: dict[str, Any] = {}
 
     @property
@@ -142,43 +140,19 @@ class HTTPService:
         opts.update(**self._options())
         await self.master.addons.trigger_event(mhooks.RunningHook())
         out: list[str] = []
-        spawn = s.workers - 1 if self.inherited is None else 0  # workers never spawn workers
-        extra: list[list[socket.socket]] = [[] for _ in range(max(0, spawn))]
-        fds: list[dict[str, list[int]]] = [{} for _ in extra]
-        seen: dict[str, int] = {}
         try:
             for kind, (host, port) in s.all_listeners:
-                if self.inherited is not None:  # an SO_REUSEPORT worker: the parent bound for us
-                    sock = self.inherited[kind][seen.get(kind, 0)]
-                    seen[kind] = seen.get(kind, 0) + 1
-                    server = await asyncio.start_server(lambda r, w, k=kind: self._accept(k, r, w), sock=sock)
-                elif extra:
-                    sock = listening_socket(host, port)
-                    port = sock.getsockname()[1]
-                    for i in range(len(extra)):
-                        other = listening_socket(host, port)
-                        extra[i].append(other)
-                        fds[i].setdefault(kind, []).append(other.fileno())
-                    server = await asyncio.start_server(lambda r, w, k=kind: self._accept(k, r, w), sock=sock)
-                else:
-                    server = await asyncio.start_server(
-                        lambda r, w, k=kind: self._accept(k, r, w), host, port, reuse_address=True, backlog=1024
-                    )
+                server = await asyncio.start_server(
+                    lambda r, w, k=kind: self._accept(k, r, w), host, port, reuse_address=True, backlog=1024,
+                    reuse_port=self.ctx.reuse_port or None,  # `workers: N` (proxyvm.supervisor)
+                )
                 self._servers.append((kind, server))
                 bound = server.sockets[0].getsockname()
                 out.append(f"tcp {hostport(bound[0], bound[1])} (http {kind})")
-            if extra:
-                self.pool = WorkerPool(self.ctx.audit.emit, self.log)
-                for i, socks in enumerate(extra):
-                    await self.pool.spawn(self._worker_spec(i + 1, fds[i]), socks)
-                out.append(f"http: {s.workers} processes share these ports (SO_REUSEPORT)")
         except OSError:
             for _, srv in self._servers:
                 srv.close()
             self._servers.clear()
-            for socks in extra:
-                for sock in socks:
-                    sock.close()
             raise
         # what is really bound (port 0 in tests) is what the loop check must know
         self._listen_addrs.clear()
@@ -188,22 +162,6 @@ class HTTPService:
                 self._listen_addrs.add((str(name[0]), int(name[1])))
         self._accepting = True
         return out
-
-    def _worker_spec(self, index: int, fds: dict[str, list[int]]) -> WorkerSpec:
-        engine = self.ctx.engine
-        config = self.ctx.config
-        return WorkerSpec(
-            index=index,
-            settings=self.settings,
-            policy_file=str(engine.file),
-            guest_names=frozenset(g for g in engine.guests if g != "unknown"),
-            guests=self.ctx.guests,
-            dns=getattr(config, "dns", None) if config is not None else None,
-            state_dir=str(self.ctx.state_dir),
-            fds=fds,
-            user=getattr(config, "user", None) if config is not None else None,
-            log_level=self.log.getEffectiveLevel(),
-        )
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         """{kind: [(host, port), ...]} as actually bound (tests use port 0)."""
@@ -262,14 +220,6 @@ class HTTPService:
             self.addon.reset_tls()
         if self.resolver is not None:
             self.resolver.hosts = dict(settings.hosts)
-        if self.pool is not None:
-            self.pool.send_all({
-                "t": "reload",
-                "settings": settings,
-                "policy_file": str(engine.file),
-                "guest_names": frozenset(g for g in engine.guests if g != "unknown"),
-                "guests": self.ctx.guests,  # the worker swapped new guest addresses in already
-            })
         if self.master is not None:
             self.master.options.update(
                 stream_large_bodies=str(settings.limits.stream_above),
@@ -277,16 +227,10 @@ class HTTPService:
                 proxyvm_header_timeout=settings.timeouts.header,
             )
 
-    def quarantine_changed(self) -> None:
-        """The worker replaced ctx.quarantine: the SO_REUSEPORT children need the same table."""
-        if self.pool is not None:
-            self.pool.send_all({"t": "quarantine", "table": dict(self.ctx.quarantine)})
-
     async def drain(self, timeout: float) -> None:
         self._accepting = False
         for _, srv in self._servers:
             srv.close()
-        pool_stop = asyncio.create_task(self.pool.stop(timeout)) if self.pool is not None else None
         if self._tasks:
             # in-flight connections finish on their own (keep-alive ones idle out) until the deadline
             await asyncio.wait(list(self._tasks), timeout=max(0.0, timeout))
@@ -300,9 +244,6 @@ class HTTPService:
             except TimeoutError:
                 pass
         self._servers.clear()
-        if pool_stop is not None:
-            await pool_stop
-            self.pool = None
         if self.master is not None:
             await self.master.addons.trigger_event(mhooks.DoneHook())
         if self.resolver is not None:
@@ -315,27 +256,12 @@ class HTTPService:
         conns = len(self.addon.conns) if self.addon else 0
         failures = self.addon.failures if self.addon else 0
         state = "ok" if self._servers and self._accepting else "degraded"
-        if self.pool is not None:
-            conns += self.pool.connections()
-            if self.pool.alive() < len(self.pool.workers):
-                state = "degraded"
         return {
             "state": state,
-            "workers": 1 + (self.pool.alive() if self.pool is not None else 0),
-            "worker_restarts": self.pool.restarts if self.pool is not None else 0,
             "connections": conns,
             "refused": self.refused,
             "hook_failures": failures,
             "listeners": [f"{k} {hostport(*a)}" for k, v in self.bound_addresses().items() for a in v],
             "pid": os.getpid(),
-            "traffic": self._traffic(),
+            "traffic": self.addon.traffic if self.addon else new_traffic(),
         }
-
-    def _traffic(self) -> dict[str, Any]:
-        """This process's counters plus, in the parent, its SO_REUSEPORT children's (for /metrics)."""
-        from protocols.http.addon import new_traffic, sum_traffic
-
-        parts = [self.addon.traffic if self.addon else new_traffic()]
-        if self.pool is not None:
-            parts += [h.health.get("traffic") or {} for h in self.pool.workers]
-        return sum_traffic(parts)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocols.smtp.spool import PENDING, Spool, request_flush
+from protocols.smtp.spool import PENDING, Spool, partitions, request_flush
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +34,15 @@ class QueueRow:
 def list_spool(spool_dir: Path | str, now: float | None = None) -> list[QueueRow]:
     """Every message in the spool, oldest first. Unreadable entries are skipped (the service moves
     them to bad/ at its next start)."""
-    spool = Spool(spool_dir, time.time)
     now = time.time() if now is None else now
+    rows: list[QueueRow] = []
+    for part in partitions(spool_dir):  # every SMTP worker's partition (spool.py)
+        rows += _list_partition(Spool(part, time.time), now)
+    rows.sort(key=lambda r: r.id)  # ids start with the acceptance time: oldest first
+    return rows
+
+
+def _list_partition(spool: Spool, now: float) -> list[QueueRow]:
     rows: list[QueueRow] = []
     if not spool.queue.is_dir():
         return rows

@@ -35,7 +35,7 @@ from protocols.smtp.delivery import Deliverer
 from protocols.smtp.queue import QueueRunner
 from protocols.smtp.resolver import MailResolver, make_resolver
 from protocols.smtp.settings import SMTPSettings
-from protocols.smtp.spool import Envelope, Spool, SpoolError, new_id
+from protocols.smtp.spool import Envelope, Spool, SpoolError, adopt_orphans, new_id, partition_dir
 
 IDENT = "ESMTP proxyvm"
 MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3 path 256 minus the angle brackets
@@ -589,7 +589,8 @@ class SMTPService:
         self._sts_port = sts_port
         self.handler = GuestHandler(self)
         self._servers: list[asyncio.AbstractServer] = []
-        self.spool: Spool = Spool(self.settings.spool, ctx.clock)
+        # `workers: N`: each worker owns and delivers its own partition (see protocols.smtp.spool)
+        self.spool: Spool = Spool(partition_dir(self.settings.spool, ctx.worker), ctx.clock)
         self.runner: QueueRunner | None = None  # type: ignore[assignment]
         self.accepted = 0
         self._free = 0
@@ -615,6 +616,8 @@ class SMTPService:
         # aiosmtpd logs every command with the guest's addresses at INFO: too costly per message,
         # and our audit records already say what matters.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
+        if self.ctx.worker == 0:
+            await asyncio.to_thread(adopt_orphans, s.spool, self.ctx.workers)
         entries, self.problems = await asyncio.to_thread(self.spool.open)
         await asyncio.to_thread(self._hand_over)
         for p in self.problems:
@@ -632,7 +635,8 @@ class SMTPService:
         listening = []
         try:
             for host, port in s.listen:
-                server = await loop.create_server(lambda: GuestSMTP(self.handler, self.settings), host, port)
+                server = await loop.create_server(lambda: GuestSMTP(self.handler, self.settings), host, port,
+                                                  reuse_port=self.ctx.reuse_port or None)
                 self._servers.append(server)
                 listening.append(f"tcp {hostport(host, port)}")
         except OSError:

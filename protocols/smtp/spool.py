@@ -12,6 +12,15 @@ Layout under the spool directory:
   queue/ID.st   per-recipient state (absent = nothing attempted yet), replaced atomically
   bad/          entries that could not be read back (kept for a human, never deleted)
   flush         trigger: when present, every deferred message is retried now
+  workers/I/    the same layout again for SMTP worker I >= 1 (`workers: N`, below)
+
+With `workers: N` the spool is partitioned: worker 0 owns the directory itself, worker I its
+`workers/I` partition. A message belongs to the worker that answered its `250` (it was fsync'd
+into that worker's partition first), and only that worker ever reads, delivers or removes it, so no
+message is delivered twice and no cross-process claim or lock is needed; a worker restarted after a
+crash (same index) recovers exactly its own partition. Partitions of indexes no longer running
+(`workers:` lowered) are adopted by worker 0 at its start (`adopt_orphans`). `proxyvm mailq` lists
+and flushes every partition.
 """
 
 from __future__ import annotations
@@ -268,7 +277,45 @@ def with_state(entry: SpoolEntry, **changes: Any) -> SpoolEntry:
 
 
 def request_flush(spool_dir: Path | str) -> None:
-    """Ask the running service to retry every deferred message now (the service polls this)."""
-    d = Path(spool_dir)
-    fd = os.open(d / "flush", os.O_WRONLY | os.O_CREAT, 0o600)
-    os.close(fd)
+    """Ask the running service to retry every deferred message now (each worker polls the trigger
+    of its own partition)."""
+    for d in partitions(spool_dir):
+        fd = os.open(d / "flush", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+
+def partition_dir(spool_dir: Path | str, worker: int) -> Path:
+    """The part of the spool that SMTP worker `worker` owns (0: the spool directory itself)."""
+    return Path(spool_dir) if worker == 0 else Path(spool_dir) / "workers" / str(worker)
+
+
+def partitions(spool_dir: Path | str) -> list[Path]:
+    """Every partition present: the spool directory, then `workers/I` in index order."""
+    top = Path(spool_dir)
+    extra = top / "workers"
+    found = sorted((p for p in extra.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name)) \
+        if extra.is_dir() else []
+    return [top, *found]
+
+
+def adopt_orphans(spool_dir: Path | str, workers: int) -> int:
+    """Worker 0, before it opens its partition: move the committed entries of partitions whose
+    worker no longer runs (index >= `workers`) into its own queue. Each file moves by rename (same
+    file system: atomic); the state file goes first, so a crash in between leaves the message in
+    the old partition, adopted again at the next start. Returns the messages adopted."""
+    top = Path(spool_dir)
+    queue = top / "queue"
+    n = 0
+    for part in partitions(top)[1:]:
+        if int(part.name) < workers or not (part / "queue").is_dir():
+            continue
+        queue.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for msg in sorted((part / "queue").glob("*.msg")):
+            st = msg.with_suffix(".st")
+            if st.exists():
+                os.replace(st, queue / st.name)
+            os.replace(msg, queue / msg.name)
+            n += 1
+        if n:
+            _fsync_dir(queue)
+    return n

@@ -88,7 +88,7 @@ class _Listener:
 
     def __init__(self, service: SNMPService, handler: Any, host: str, port: int):
         self.service, self.handler = service, handler
-        self.endpoint = UDPEndpoint.bind(host, port, self._datagram)
+        self.endpoint = UDPEndpoint.bind(host, port, self._datagram, service.ctx.reuse_port)
 
     def _datagram(self, data: bytes, addr: Any) -> None:
         if self.handler == self.service.handle_datagram:
@@ -124,8 +124,8 @@ class _TransparentListener:
     """Gateway mode: datagrams arrive by TPROXY for any agent address; replies leave from the
     address the guest asked (protocols.transparent), so its client accepts them."""
 
-    def __init__(self, handler: Any, host: str, port: int):
-        self.udp = TransparentUDP(host, port, handler)
+    def __init__(self, handler: Any, host: str, port: int, reuse_port: bool = False):
+        self.udp = TransparentUDP(host, port, handler, reuse_port)
         self.udp.start()
         self.endpoint = self
         self.closed = False
@@ -174,12 +174,16 @@ class SNMPService:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> list[str]:
-        self._boots = self._bump_boots()
+        # `workers: N`: traps and informs are worker 0's alone. It is the proxy's one authoritative
+        # engine for the v3 TRAPs it sends (boots and time per engine ID must not go backwards at
+        # a receiver), and trap volume is small; requests are spread over every worker.
+        first = self.ctx.worker == 0
+        self._boots = self._bump_boots() if first else 0
         out = []
         for handler, addrs in ((self.handle_datagram, self.settings.listen),
-                               (self.handle_trap, self.settings.traps_listen)):
+                               (self.handle_trap, self.settings.traps_listen if first else ())):
             for host, port in addrs:
-                listener: Any = (_TransparentListener(handler, host, port) if self._transparent()
+                listener: Any = (_TransparentListener(handler, host, port, self.ctx.reuse_port) if self._transparent()
                                  else _Listener(self, handler, host, port))
                 self._listeners.append(listener)
                 out.append(f"udp {addr_text(listener.endpoint.getsockname())}")

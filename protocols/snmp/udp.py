@@ -32,10 +32,13 @@ class UDPEndpoint:
         self.closed = False
 
     @classmethod
-    def bind(cls, host: str, port: int, on_datagram: Callable[[bytes, Any], None]) -> UDPEndpoint:
+    def bind(cls, host: str, port: int, on_datagram: Callable[[bytes, Any], None],
+             reuse_port: bool = False) -> UDPEndpoint:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_DGRAM)
         try:
+            if reuse_port:  # `workers: N`: one socket per process on the same port
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             s.bind((host, port))
         except OSError:
             s.close()

@@ -71,6 +71,35 @@ class ProxyVM:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def workers(self, service: str) -> list[dict[str, Any]]:
+        """/healthz's workers of `service` (`workers: N`): index, pid, state, restarts, detail."""
+        return list(self.healthz()[1]["services"][service]["workers"])
+
+    def wait_workers(self, service: str, pred: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Poll /healthz until pred(workers) holds (health arrives every 2 s); the last list."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ws = self.workers(service)
+            if pred(ws) or time.monotonic() > deadline:
+                return ws
+            time.sleep(0.2)
+
+    @staticmethod
+    def kill_worker(pid: int, timeout: float = 10.0) -> None:
+        """SIGKILL one worker and wait until it has exited (its sockets closed: a zombie until
+        the supervisor reaps it), so that what a test sends next cannot reach the dead one."""
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        return
+            except FileNotFoundError:
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"worker {pid} still running after SIGKILL")
+
     def metrics(self) -> str:
         with urllib.request.urlopen(self.admin + "/metrics", timeout=2) as r:
             return r.read().decode()

@@ -1,5 +1,5 @@
 """Quarantine of an HTTP guest in the real `proxyvm run -c CONFIG` (two SO_REUSEPORT processes, so
-the pool children get the table too) in front of the real nginx lab; curl is the guest through the
+every worker gets the table) in front of the real nginx lab; curl is the guest through the
 explicit proxy listener and the CLI quarantines and releases it:
 
 * block: every request is refused 403 with the quarantine named (plain HTTP and CONNECT), nothing

@@ -293,23 +293,6 @@ async def test_large_body_streamed_both_ways(svc) -> None:
     assert recs[-1]["bytes_in"] == 10 * 1024 * 1024
 
 
-async def test_so_reuseport_workers_share_the_ports(make_service) -> None:
-    r = await make_service(workers=2)
-    assert r.service.health()["workers"] == 2
-    codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(24)]
-    assert codes == [200] * 24
-    records = await eventually(lambda: len(r.records(status=200)) == 24 and r.records(status=200))
-    assert len(records) == 24  # every worker's records reach the parent's audit sink
-    assert 0 < r.service.addon.emitted < 24  # the kernel spread connections over both processes
-    # a reload reaches every worker: after it, no process lets anything through
-    deny_all = r.settings.ca_file.parent.parent / "deny-all.yaml"
-    deny_all.write_text("default: deny\nrules: []\n")
-    await r.service.reload(r.settings, load_policy(deny_all))
-    await asyncio.sleep(0.3)
-    codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(12)]
-    assert codes == [403] * 12
-
-
 async def test_tls_below_1_2_refused(svc) -> None:
     # the legacy peer really speaks TLS 1.1 (checked with openssl), yet the proxy will not
     hello = await asyncio.create_subprocess_exec(
@@ -369,19 +352,6 @@ async def test_hook_failure_fails_closed(svc) -> None:
     assert res.rc != 0  # CONNECT refused as well
     assert len(svc.lab.log("main")) == before  # nothing left the proxy
     assert svc.service.health()["hook_failures"] == 2
-
-
-async def test_dead_worker_is_restarted_on_the_same_sockets(make_service) -> None:
-    import os
-    import signal
-
-    r = await make_service(workers=2)
-    child = r.service.pool.workers[0].proc.pid
-    os.kill(child, signal.SIGKILL)
-    await eventually(lambda: r.service.pool.restarts == 1 and r.service.health()["workers"] == 2, timeout=10)
-    assert r.service.pool.workers[0].proc.pid != child
-    codes = [(await curl(*proxy(r), "http://www.lab.test/echo")).status for _ in range(16)]
-    assert codes == [200] * 16  # no connection refused or lost across the restart
 
 
 async def test_aborted_upload_after_early_answer_is_still_audited(svc) -> None:

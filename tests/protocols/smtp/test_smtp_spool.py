@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,29 @@ def test_backoff_doubles_from_first_and_caps():
 def test_ids_sort_by_time_and_are_unique():
     ids = [new_id(1000.0) for _ in range(1000)]
     assert len(set(ids)) == 1000 and new_id(999.0) < min(ids) < new_id(1001.0)
+
+
+def test_worker_partitions_adoption_and_mailq(tmp_path: Path) -> None:
+    """`workers: N`: worker I>=1 owns spool/workers/I; worker 0 adopts the parts of workers that no
+    longer run (committed entries with their state), and mailq lists every part."""
+    import time as _time
+
+    from protocols.smtp.mailq import list_spool
+    from protocols.smtp.spool import Envelope, Spool, adopt_orphans, new_id, partition_dir, partitions
+
+    top = tmp_path / "spool"
+    assert partition_dir(top, 0) == top and partition_dir(top, 2) == top / "workers" / "2"
+    ids = {}
+    for w in (0, 1, 2):
+        sp = Spool(partition_dir(top, w), _time.time)
+        sp.open()
+        ident = new_id(_time.time())
+        sp.store(Envelope(ident, "g", "1.2.3.4:5", "h", "a@example.com", ("b@example.org",), _time.time(), 3), b"x\r\n")
+        ids[w] = ident
+    assert partitions(top) == [top, top / "workers" / "1", top / "workers" / "2"]
+    assert sorted(r.id for r in list_spool(top)) == sorted(ids.values())
+    assert adopt_orphans(top, 2) == 1  # worker 2 no longer runs: its message moves to worker 0
+    entries, problems = Spool(top, _time.time).open()
+    assert not problems and sorted(e.id for e in entries) == sorted([ids[0], ids[2]])
+    assert [e.id for e in Spool(partition_dir(top, 1), _time.time).open()[0]] == [ids[1]]
+    assert adopt_orphans(top, 2) == 0
