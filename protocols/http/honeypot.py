@@ -18,6 +18,7 @@ and `_honeypot_answer`), which adds `HoneypotConn.facts` to each request's recor
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import pwd
@@ -82,6 +83,26 @@ class HoneypotCA:
         privilege drop can still read them."""
         key_path, cert_path = ca_paths(state_dir)
         key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # `workers: N` starts N HTTP processes at once: one makes the CA, the others wait and load it
+        # (without the lock two of them wrote a key and a certificate of different CAs).
+        lock_fd = os.open(key_path.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            key, cert = cls._load_or_make(key_path, cert_path)
+        finally:
+            os.close(lock_fd)  # releases the lock
+        if user and os.getuid() == 0:
+            try:
+                pw = pwd.getpwnam(user)
+            except KeyError:
+                pw = None
+            if pw is not None:
+                for p in (key_path.parent, key_path, cert_path, key_path.parent / ".lock"):
+                    os.chown(p, pw.pw_uid, pw.pw_gid)
+        return cls(key, cert)
+
+    @staticmethod
+    def _load_or_make(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         if key_path.exists() and cert_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -95,15 +116,7 @@ class HoneypotCA:
             quarantine.write_durably(key_path, pem_key)  # 0600 from the start
             quarantine.write_durably(cert_path, cert.public_bytes(serialization.Encoding.PEM))
             cert_path.chmod(0o644)
-        if user and os.getuid() == 0:
-            try:
-                pw = pwd.getpwnam(user)
-            except KeyError:
-                pw = None
-            if pw is not None:
-                for p in (key_path.parent, key_path, cert_path):
-                    os.chown(p, pw.pw_uid, pw.pw_gid)
-        return cls(key, cert)
+        return key, cert
 
     def _leaf(self, name: str, now: dt.datetime) -> x509.Certificate:
         return (

@@ -97,3 +97,25 @@ def test_only_honeypot_connections_get_a_context(tmp_path: Path) -> None:
     assert hp.ssl_conn(SimpleNamespace(honeypot=None)) is None
     conn = hp.ssl_conn(SimpleNamespace(honeypot=honeypot.HoneypotConn({"profile": "honeypot"}, "a.test", "")))
     assert isinstance(conn, SSL.Connection)
+
+
+def _make_ca_in_child(state_dir: str) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    ca = honeypot.HoneypotCA.load_or_create(state_dir)
+    return ca.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_workers_starting_together_agree_on_one_ca(tmp_path: Path) -> None:
+    """`workers: N` starts N HTTP processes at once: all of them end up with the same CA, and the
+    key on disk belongs to the certificate on disk (without the lock, two made different halves)."""
+    import multiprocessing
+
+    for round_ in range(3):
+        state = tmp_path / f"s{round_}"
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(6) as pool:
+            pems = pool.map(_make_ca_in_child, [str(state)] * 6)
+        assert len(set(pems)) == 1
+        again = honeypot.HoneypotCA.load_or_create(state)  # raises if key and certificate disagree
+        assert _make_ca_in_child(str(state)) == pems[0] and again.key is not None
