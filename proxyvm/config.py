@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from policy.source import Node, Problem, Problems, SourceError, load_yaml, suggest
+from protocols.listen import IPOnly, parse_address
 from proxyvm import services
 from proxyvm.defaults import DEFAULT_CONFIG, DEFAULT_POLICY
 from proxyvm.errors import ConfigError
@@ -187,16 +188,17 @@ def _key_node(parent: Node, key: str, value: Node) -> Node:
     return Node(key, parent.file, line + 1, col + 1, parent.base)
 
 
+_BINDABLE = IPOnly(
+    "bad {what} {value!r}: {host!r} is not an IP address",
+    "write an address of this machine with a port, e.g. 127.0.0.1:9700 or [::1]:9700",
+    accepts=lambda host: normalise_address(host) is not None and "%" not in host,
+)
+
+
 def listen_address(node: Node, what: str = "listen address") -> tuple[str, int]:
     """"127.0.0.1:9700" / "[::1]:9700" -> (host, port); the host must be an IP literal (we bind
     it, so a name would depend on a resolver the appliance may not have)."""
-    host, port = node.hostport(what=what)
-    if normalise_address(host) is None or "%" in host:
-        raise node.fail(
-            f"bad {what} {node.value!r}: {host!r} is not an IP address",
-            "write an address of this machine with a port, e.g. 127.0.0.1:9700 or [::1]:9700",
-        )
-    return host, port
+    return parse_address(node, what=what, ip=_BINDABLE)
 
 
 def _interface(node: Node, what: str) -> str:
