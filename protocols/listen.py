@@ -10,6 +10,7 @@ Must not: bind, resolve names, or know any one protocol's section (callers pass 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
@@ -24,11 +25,9 @@ Address = tuple[str, int]
 
 def is_ip(host: str) -> bool:
     """An IP literal as `ipaddress` reads it (an IPv6 zone like `fe80::1%eth0` included)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host) is not None
+    return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,14 @@ and the one restart-only check of reloads."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ruamel.yaml import YAML
 
 from policy.source import SourceError, parse_yaml
 from protocols.listen import parse_listen, restart_only_changes, warn_restart_only
@@ -18,81 +20,35 @@ def _node(tmp_path: Path, text: str) -> Any:
     return parse_yaml(text, "c.yaml", tmp_path)
 
 
-def _section(tmp_path: Path, name: str, body: str) -> Any:
+CASES = YAML(typ="safe").load(Path(__file__).resolve().parents[1] / "fixtures" / "listen" / "cases.yaml")
+
+
+def _parse(tmp_path: Path, where: str, value: Any) -> Any:
+    """`where` ("dns.listen") set to `value` in a config text, read as the section (or the admin
+    listener) reads it."""
+    section, key = where.split(".")
+    top = _node(tmp_path, f"{section}:\n  {key}: {json.dumps(value)}\n").get_map()[section]
+    if section == "admin":
+        from proxyvm.config import listen_address
+
+        return listen_address(top.get_map()[key], "admin listen address")
     from proxyvm.services import load_settings_parser
 
-    node = _node(tmp_path, f"{name}:\n{body}").get_map()[name]
-    return load_settings_parser(name)(node, tmp_path)
+    return getattr(load_settings_parser(section)(top, tmp_path), key)
 
 
-def _admin(tmp_path: Path, value: str) -> Any:
-    from proxyvm.config import listen_address
-
-    return listen_address(_node(tmp_path, f"listen: {value}\n").get_map()["listen"], "admin listen address")
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
-def _listen_of(name: str, field: str = "listen"):  # noqa: ANN202 - a test table's getter
-    return lambda tmp_path, value: getattr(_section(tmp_path, name, f"  {field}: {value}\n"), field)
-
-
-DNS, SMTP, SNMP, HTTP = _listen_of("dns"), _listen_of("smtp"), _listen_of("snmp"), _listen_of("http")
-SNMP_TRAPS, HTTP_PROXY = _listen_of("snmp", "traps_listen"), _listen_of("http", "proxy_listen")
-
-# (case, parser, value as written in YAML, expected tuple or the error text as `proxyvm check` prints it)
-CASES = [
-    ("dns ipv4", DNS, '["127.0.3.1:10053"]', (("127.0.3.1", 10053),)),
-    ("dns ipv6", DNS, '["[::1]:53"]', (("::1", 53),)),
-    ("dns default port", DNS, '"127.0.3.1"', (("127.0.3.1", 53),)),
-    ("dns bad port", DNS, '["127.0.3.1:0"]',
-     "c.yaml:2:12: bad port in listen address '127.0.3.1:0'\n  hint: ports are 1-65535"),
-    ("dns duplicate kept", DNS, '["127.0.3.1", "127.0.3.1:53"]', (("127.0.3.1", 53), ("127.0.3.1", 53))),
-    ("dns hostname refused", DNS, '["dns.example:53"]', "c.yaml:2:12: listen address 'dns.example' must be an IP address"),
-    ("dns empty", DNS, "[]",
-     "c.yaml:2:11: dns.listen is empty\n  hint: give at least one address, e.g. 127.0.0.1:10053"),
-    ("dns not a list", DNS, "{a: 1}", "c.yaml:2:11: expected a list of listen addresses, found a mapping"),
-    ("smtp ipv4", SMTP, '["127.0.5.1:2525"]', (("127.0.5.1", 2525),)),
-    ("smtp ipv6 default port", SMTP, '["::1"]', (("::1", 25),)),
-    ("smtp hostname accepted", SMTP, '["localhost:2525"]', (("localhost", 2525),)),
-    ("smtp bad port", SMTP, '["127.0.5.1:x"]',
-     "c.yaml:2:12: bad port in smtp.listen address '127.0.5.1:x'\n  hint: ports are 1-65535"),
-    ("smtp empty", SMTP, "[]",
-     "c.yaml:2:11: smtp.listen is empty\n  hint: give at least one address such as 198.18.0.1:25"),
-    ("snmp ipv6", SNMP, '["[::1]:1161"]', (("::1", 1161),)),
-    ("snmp default port", SNMP, '"127.0.6.1"', (("127.0.6.1", 161),)),
-    ("snmp traps default port", SNMP_TRAPS, '["127.0.6.1"]', (("127.0.6.1", 162),)),
-    ("snmp hostname refused", SNMP, '["agent.example"]',
-     "c.yaml:2:12: listen address 'agent.example' is not an IP address\n"
-     "  hint: write an IP address; names are not resolved for SNMP"),
-    ("snmp empty allowed", SNMP, "[]", ()),
-    ("snmp not a list", SNMP, "{a: 1}", "c.yaml:2:11: expected a list of addresses, found a mapping"),
-    ("http default port", HTTP, '["127.0.7.1"]', (("127.0.7.1", 80),)),
-    ("http proxy ipv6", HTTP_PROXY, '["[::1]:3128"]', (("::1", 3128),)),
-    ("http hostname accepted", HTTP, '["localhost:8080"]', (("localhost", 8080),)),
-    ("http bad port", HTTP, '["127.0.7.1:99999"]',
-     "c.yaml:2:12: bad port in address '127.0.7.1:99999'\n  hint: ports are 1-65535"),
-    ("http duplicate refused", HTTP, '["127.0.7.1", "127.0.7.1:80"]',
-     "c.yaml:2:25: 127.0.7.1:80 is used by both transparent and transparent listeners"),
-    ("admin ipv4", _admin, '"127.0.2.1:9700"', ("127.0.2.1", 9700)),
-    ("admin ipv6", _admin, '"[::1]:9700"', ("::1", 9700)),
-    ("admin needs a port", _admin, '"127.0.2.1"',
-     "c.yaml:1:9: admin listen address '127.0.2.1' needs a port\n  hint: write it as 127.0.2.1:PORT"),
-    ("admin hostname refused", _admin, '"localhost:9700"',
-     "c.yaml:1:9: bad admin listen address 'localhost:9700': 'localhost' is not an IP address\n"
-     "  hint: write an address of this machine with a port, e.g. 127.0.0.1:9700 or [::1]:9700"),
-    ("admin zone refused", _admin, '"[fe80::1%lo]:9700"',
-     "c.yaml:1:9: bad admin listen address '[fe80::1%lo]:9700': 'fe80::1%lo' is not an IP address\n"
-     "  hint: write an address of this machine with a port, e.g. 127.0.0.1:9700 or [::1]:9700"),
-]
-
-
-@pytest.mark.parametrize(("parser", "value", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_listen_addresses_as_each_section_reads_them(tmp_path: Path, parser, value: str, expected) -> None:  # noqa: ANN001
-    if isinstance(expected, str):
+@pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])
+def test_listen_addresses_as_each_section_reads_them(tmp_path: Path, case: dict[str, Any]) -> None:
+    if "error" in case:
         with pytest.raises(SourceError) as e:
-            parser(tmp_path, value)
-        assert str(e.value) == expected
+            _parse(tmp_path, case["where"], case["value"])
+        assert str(e.value) == case["error"]
     else:
-        assert parser(tmp_path, value) == expected
+        assert _parse(tmp_path, case["where"], case["value"]) == _tuples(case["ok"])
 
 
 def test_seen_spans_lists_and_names_both_kinds(tmp_path: Path) -> None:
