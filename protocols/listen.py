@@ -80,6 +80,6 @@ def warn_restart_only(log: logging.Logger, service: str, old: Any, new: Any, fie
     return them."""
     changed = restart_only_changes(old, new, fields)
     if changed:
-        log.warning("%s: %s changed; that takes effect at the next restart (still running the old ones)",
+        log.warning("%s: %s changed; only a restart applies that (the running ones stay)",
                     service, ", ".join(changed))
     return changed

@@ -88,4 +88,4 @@ def test_warn_restart_only_logs_one_line_naming_the_fields(caplog: pytest.LogCap
         assert warn_restart_only(log, "smtp", _S(), _S(listen=(), workers=3), ("listen", "workers")) == [
             "listen", "workers"]
     assert [r.getMessage() for r in caplog.records] == [
-        "smtp: listen, workers changed; that takes effect at the next restart (still running the old ones)"]
+        "smtp: listen, workers changed; only a restart applies that (the running ones stay)"]
