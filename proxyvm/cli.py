@@ -51,7 +51,7 @@ def _load_or_report(config: str | None) -> tuple[Any, Any] | None:
 
 # -- run -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxyvm.services import SERVICES, ServiceUnavailable, load_service_class
+    from proxyvm.services import REGISTRY, ServiceUnavailable, load_service_class
     from proxyvm.supervisor import Supervisor, prepare_dirs
 
     logging.basicConfig(
@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, engine = loaded
     enabled: list[str] = []
     unavailable: dict[str, str] = {}
-    for name in SERVICES:
+    for name in REGISTRY:
         if name in getattr(config, "unavailable", ()):
             unavailable[name] = "not available in this build yet"
             continue

@@ -3,7 +3,7 @@
 Owns: the top-level schema of docs/configuration.md (`guests`, `policy`, `audit`,
 `admin`, `gateway`, the protocol sections, plus `user`, `state_dir`, `detect` and `quarantine`,
 whose parsers live in proxyvm.detect and proxyvm.quarantine), the built-in default
-config, the explicit table of protocol sections and which module parses each, and `load_all`,
+config (the protocol sections and which module parses each are `proxyvm.services.REGISTRY`), and `load_all`,
 which loads config and policy together so every problem of both is reported in one go.
 Must not: parse a protocol's own section (each `protocols/<name>/settings.py` owns its schema),
 load the policy rules itself in `load_config` (see `load_all`), open sockets, create directories
@@ -22,7 +22,6 @@ Defaults that depend on who runs the process (decided here, documented in the RE
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import ipaddress
 import os
 import pwd
@@ -34,6 +33,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from policy.source import Node, Problem, Problems, SourceError, load_yaml, suggest
+from protocols.listen import IPOnly, parse_address
+from proxyvm import services
 from proxyvm.defaults import DEFAULT_CONFIG, DEFAULT_POLICY
 from proxyvm.errors import ConfigError
 from proxyvm.inventory import GUEST_NAME, UNKNOWN, Guest, normalise_address, normalise_mac
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from policy import Engine
 
 __all__ = [
-    "SECTIONS",
     "AdminSettings",
     "AuditSettings",
     "Config",
@@ -55,20 +55,9 @@ __all__ = [
     "load_config",
 ]
 
-SECTIONS: Mapping[str, str] = MappingProxyType(
-    {
-        "dns": "protocols.dns.settings",
-        "smtp": "protocols.smtp.settings",
-        "snmp": "protocols.snmp.settings",
-        "http": "protocols.http.settings",
-    }
-)
-"""Protocol section -> the module whose `parse(node: Node, base: Path) -> Settings` reads it.
-Registered explicitly: a section whose module is missing is reported, never silently skipped."""
-
 TOP_LEVEL_KEYS = frozenset(
     {"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", "detect", "quarantine", "fleet",
-     *SECTIONS}
+     *services.REGISTRY}
 )
 
 DEFAULT_ROTATE_SIZE = 100 * 1000**2  # 100MB, as the size parser reads "100MB"
@@ -146,9 +135,9 @@ class Config:
         return int(self.workers.get(name, 1))
 
     def services(self) -> dict[str, Any]:
-        """Enabled protocol sections in SECTIONS order: {"dns": DNSSettings, ...}."""
+        """Enabled protocol sections in registry order: {"dns": DNSSettings, ...}."""
         out: dict[str, Any] = {}
-        for name in SECTIONS:
+        for name in services.REGISTRY:
             settings = getattr(self, name)
             if settings is not None:
                 out[name] = settings
@@ -199,16 +188,17 @@ def _key_node(parent: Node, key: str, value: Node) -> Node:
     return Node(key, parent.file, line + 1, col + 1, parent.base)
 
 
+_BINDABLE = IPOnly(
+    "bad {what} {value!r}: {host!r} is not an IP address",
+    "write an address of this machine with a port, e.g. 127.0.0.1:9700 or [::1]:9700",
+    accepts=lambda host: normalise_address(host) is not None and "%" not in host,
+)
+
+
 def listen_address(node: Node, what: str = "listen address") -> tuple[str, int]:
     """"127.0.0.1:9700" / "[::1]:9700" -> (host, port); the host must be an IP literal (we bind
     it, so a name would depend on a resolver the appliance may not have)."""
-    host, port = node.hostport(what=what)
-    if normalise_address(host) is None or "%" in host:
-        raise node.fail(
-            f"bad {what} {node.value!r}: {host!r} is not an IP address",
-            "write an address of this machine with a port, e.g. 127.0.0.1:9700 or [::1]:9700",
-        )
-    return host, port
+    return parse_address(node, what=what, ip=_BINDABLE)
 
 
 def _interface(node: Node, what: str) -> str:
@@ -447,26 +437,6 @@ def _parse_policy_path(node: Node, shown_base: Path) -> tuple[Path, Path]:
     return path, shown
 
 
-class _Unavailable(Exception):
-    pass
-
-
-def _section_parser(name: str) -> Callable[[Node, Path], Any]:
-    modname = SECTIONS[name]
-    try:
-        module = importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        # Only the settings module (or its package) being absent means "not in this build";
-        # a missing dependency inside it is a broken build and must not be disguised.
-        if e.name is not None and (e.name == modname or modname.startswith(e.name + ".")):
-            raise _Unavailable(name) from None
-        raise
-    parse = getattr(module, "parse", None)
-    if not callable(parse):
-        raise _Unavailable(name)
-    return parse
-
-
 MAX_WORKERS = 64
 
 
@@ -486,8 +456,8 @@ def _parse_section(name: str, key: Node, node: Node, base: Path) -> Any:
     if node.value is False:
         return None
     try:
-        parse = _section_parser(name)
-    except _Unavailable:
+        parse = services.load_settings_parser(name)
+    except services.ServiceUnavailable:
         raise key.fail(
             f"the {name} service is not available in this build yet",
             f"remove the '{name}' section (or set '{name}: false') until a build includes it",
@@ -581,14 +551,14 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
     sections: dict[str, Any] = {}
     workers: dict[str, int] = {}
     unavailable: list[str] = []
-    for name in SECTIONS:
+    for name in services.REGISTRY:
         if name not in top:
             continue
         node = top[name]
         if builtin and node.value is not False:
             try:
-                _section_parser(name)
-            except _Unavailable:
+                services.load_settings_parser(name)
+            except services.ServiceUnavailable:
                 unavailable.append(name)
                 continue
         key = _key_node(root, name, node)

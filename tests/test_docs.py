@@ -141,23 +141,25 @@ def config_keys(tmp: Path) -> dict[str, set[str]]:
 
 
 def test_config_key_enumeration_finds_the_sections(tmp_path: Path) -> None:
-    from proxyvm.config import SECTIONS, TOP_LEVEL_KEYS
+    from proxyvm.config import TOP_LEVEL_KEYS
+    from proxyvm.services import REGISTRY
 
     keys = config_keys(tmp_path)
     assert keys[""] == set(TOP_LEVEL_KEYS)
-    for name in SECTIONS:
+    for name in REGISTRY:
         assert name in keys and keys[name], f"no keys found for the {name} section"
     assert {"addresses", "mac"} <= keys["guests"]
     assert "size" in keys["dns.cache"]
 
 
 def test_every_config_key_is_in_configuration_md(tmp_path: Path) -> None:
-    from proxyvm.config import SECTIONS, TOP_LEVEL_KEYS
+    from proxyvm.config import TOP_LEVEL_KEYS
+    from proxyvm.services import REGISTRY
 
     text = _documented(ROOT / "docs" / "configuration.md")
     missing = sorted(f"{place}: {k}" if place else k
                      for place, keys in config_keys(tmp_path).items() for k in keys if not _mentions(text, k))
-    missing += [k for k in sorted({*TOP_LEVEL_KEYS, *SECTIONS}) if not _mentions(text, k)]
+    missing += [k for k in sorted({*TOP_LEVEL_KEYS, *REGISTRY}) if not _mentions(text, k)]
     assert not missing, "config keys not documented in docs/configuration.md:\n" + "\n".join(missing)
 
 

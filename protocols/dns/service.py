@@ -30,6 +30,7 @@ from protocols.dns import wire
 from protocols.dns.cache import CacheEntry, E, stale_wire, upstream_audit, wire_at
 from protocols.dns.forwarder import Forwarder, Resolution
 from protocols.dns.settings import DNSSettings
+from protocols.listen import warn_restart_only
 from protocols.transparent import (
     OrigSrc,
     ReplyFrom,
@@ -351,8 +352,7 @@ class DNSService:
         self._guests.clear()
         if settings is None or settings == self.settings:
             return
-        if settings.listen != self.settings.listen:
-            self.log.warning("dns: listen addresses changed; they take effect at the next restart")
+        warn_restart_only(self.log, "dns", self.settings, settings, ("listen",))
         old = self.fw
         keep_cache = old is not None and settings.cache == self.settings.cache
         self.settings = settings

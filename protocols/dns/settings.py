@@ -10,13 +10,13 @@ deliberately no setting that allows plaintext or unauthenticated upstreams.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy.source import Node, SourceError
 from protocols.addr import hostport
+from protocols.listen import IPOnly, parse_address, parse_listen
 
 _PIN = re.compile(r"^sha256/([A-Za-z0-9+/]{43}=)$")
 
@@ -120,29 +120,13 @@ def _check_anchors(node: Node, path: Path) -> None:
 
 
 def _listen(node: Node) -> tuple[tuple[str, int], ...]:
-    out: list[tuple[str, int]] = []
-    for item in node.get_list("listen addresses", allow_scalar=True):
-        host, port = item.hostport(default_port=53, what="listen address")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise item.fail(f"listen address {host!r} must be an IP address") from None
-        out.append((host, port))
-    if not out:
-        raise node.fail("dns.listen is empty", "give at least one address, e.g. 127.0.0.1:10053")
-    return tuple(out)
+    return parse_listen(node, 53, empty=("dns.listen is empty", "give at least one address, e.g. 127.0.0.1:10053"))
 
 
 def _upstream(node: Node) -> UpstreamSettings:
     m = node.get_map(allowed={"address", "name", "pins"}, required={"address", "name"}, what="upstream")
-    host, port = m["address"].hostport(default_port=853, what="upstream address")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise m["address"].fail(
-            f"upstream address {host!r} must be an IP address",
-            "resolving it would need DNS before DNS works; put the host name in 'name'",
-        ) from None
+    host, port = parse_address(m["address"], 853, what="upstream address", ip=IPOnly(
+        hint="resolving it would need DNS before DNS works; put the host name in 'name'"))
     name = m["name"].str("upstream name").strip().rstrip(".").lower()
     pins: list[bytes] = []
     if "pins" in m:

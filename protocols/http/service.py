@@ -38,6 +38,7 @@ from protocols.base import ServiceContext
 from protocols.http.addon import HOOKS, ConnInfo, PolicyAddon, new_traffic
 from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
+from protocols.listen import warn_restart_only
 
 _MODE = mode_specs.ProxyMode.parse("regular")
 
@@ -214,8 +215,7 @@ class HTTPService:
         old: HTTPSettings = self.ctx.settings
         self.ctx.settings = settings
         self.ctx.engine = engine
-        if settings.all_listeners != old.all_listeners or settings.workers != old.workers:
-            self.log.warning("http: listener changes take effect on restart, not on reload")
+        warn_restart_only(self.log, "http", old, settings, ("listen", "proxy_listen", "passthrough_listen", "workers"))
         if self.addon is not None and settings.ca_file != old.ca_file:
             self.addon.reset_tls()
         if self.resolver is not None:

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy.source import Node
-from protocols.addr import hostport
-
-Address = tuple[str, int]
+from protocols.listen import Address, parse_listen
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +71,7 @@ _TOP = {
 
 
 def _addresses(node: Node, default_port: int, kind: str, seen: dict[Address, str]) -> tuple[Address, ...]:
-    out = []
-    for item in node.get_list("addresses", allow_scalar=True):
-        host, port = item.hostport(default_port=default_port)
-        if (host, port) in seen:
-            raise item.fail(f"{hostport(host, port)} is used by both {seen[(host, port)]} and {kind} listeners")
-        seen[(host, port)] = kind
-        out.append((host, port))
-    return tuple(out)
+    return parse_listen(node, default_port, items="addresses", what="address", ip=None, seen=seen, kind=kind)
 
 
 def _positive(node: Node, what: str) -> float:

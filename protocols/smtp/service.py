@@ -31,6 +31,7 @@ from aiosmtpd.smtp import Envelope as AioEnvelope
 from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext
+from protocols.listen import warn_restart_only
 from protocols.smtp.delivery import Deliverer
 from protocols.smtp.queue import QueueRunner
 from protocols.smtp.resolver import MailResolver, make_resolver
@@ -668,8 +669,7 @@ class SMTPService:
         directory and relay stay as started (changing them needs a restart)."""
         self.engine = engine
         if settings is not None:
-            if settings.listen != self.settings.listen or settings.spool != self.settings.spool:
-                self.ctx.log.warning("smtp: listen/spool changes need a restart; keeping the running ones")
+            warn_restart_only(self.ctx.log, "smtp", self.settings, settings, ("listen", "spool"))
             self.settings = settings
             if self.runner is not None:
                 self.runner.settings = settings

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy.source import Node, Secret
+from protocols.listen import parse_listen
 
 TLS_MODES = ("verify", "dane", "mta-sts")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -118,10 +119,8 @@ def parse(node: Node, base: Path) -> SMTPSettings:
     d = SMTPSettings()
     listen = d.listen
     if "listen" in m:
-        items = m["listen"].get_list("listen addresses", allow_scalar=True)
-        if not items:
-            raise m["listen"].fail("smtp.listen is empty", "give at least one address such as 198.18.0.1:25")
-        listen = tuple(i.hostport(default_port=25, what="smtp.listen address") for i in items)
+        listen = parse_listen(m["listen"], 25, what="smtp.listen address", ip=None,
+                              empty=("smtp.listen is empty", "give at least one address such as 198.18.0.1:25"))
     spool = m["spool"].path("smtp.spool") if "spool" in m else d.spool
     relay = _relay(m["relay"]) if "relay" in m and m["relay"].value is not None else None
     tls = m["tls"].enum(TLS_MODES, what="smtp.tls mode") if "tls" in m else d.tls

@@ -32,6 +32,7 @@ from policy.decision import Decision, ReasonCode, Verdict, builtin
 from protocols import quarantine
 from protocols.addr import addr_text
 from protocols.base import ServiceContext
+from protocols.listen import warn_restart_only
 from protocols.snmp import ber, translate, usm
 from protocols.snmp.peer import AgentError, AgentTimeout, V3Peer
 from protocols.snmp.settings import Agent, Credentials, SNMPSettings, TrapReceiver
@@ -197,9 +198,7 @@ class SNMPService:
         return [tuple(lst.endpoint.getsockname()[:2]) for lst in self._listeners]  # type: ignore[misc]
 
     async def reload(self, settings: Any, engine: Any) -> None:
-        if (settings.listen, settings.traps_listen) != (self.settings.listen, self.settings.traps_listen):
-            self.ctx.log.warning("snmp: listen/traps_listen changes take effect at the next restart; "
-                                 "still listening on the old addresses")
+        warn_restart_only(self.ctx.log, "snmp", self.settings, settings, ("listen", "traps_listen"))
         self.settings = settings
         self.engine = engine
         self.ctx.settings = settings

@@ -8,12 +8,12 @@ Must not: open sockets, derive keys, or put a password in any message or repr.
 
 from __future__ import annotations
 
-import ipaddress
 import pathlib
 from dataclasses import dataclass, field
 
 from policy.source import Node, Secret
 from protocols.addr import addr_text
+from protocols.listen import IPOnly, parse_address, parse_listen
 from protocols.snmp import usm
 
 DEFAULT_AUTH = ("SHA-224", "SHA-256", "SHA-384", "SHA-512")
@@ -22,6 +22,7 @@ PRIV_NAMES = tuple(usm.PRIV_PROTOCOLS)
 MIN_PASSWORD = 8
 DEFAULT_TIMEOUT = 1.0  # seconds per attempt
 DEFAULT_RETRIES = 2
+_IP_ONLY = IPOnly("{what} {host!r} is not an IP address", "write an IP address; names are not resolved for SNMP")
 DEFAULT_ENGINE_ID = bytes.fromhex("8000000001020304")  # RFC 3414 §11.2 / net-snmp refuse shorter pass phrases
 
 
@@ -102,13 +103,7 @@ _CRED_KEYS = {"user", "auth", "priv"}
 def _ip_hostport(node: Node, default_port: int, what: str) -> tuple[str, int]:
     """An outside address must be an IP literal: a name would be resolved by the host's plain
     resolver, in cleartext, and block the event loop."""
-    host, port = node.hostport(default_port=default_port, what=what)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise node.fail(f"{what} {host!r} is not an IP address",
-                        "write an IP address; names are not resolved for SNMP") from None
-    return host, port
+    return parse_address(node, default_port, what=what, ip=_IP_ONLY)
 
 
 def _protocol_block(node: Node, kind: str) -> tuple[str, Secret]:
@@ -134,10 +129,7 @@ def _credentials(m: dict[str, Node], what: str) -> Credentials:
 
 
 def _addresses(node: Node, default_port: int) -> tuple[tuple[str, int], ...]:
-    out = []
-    for n in node.get_list(what="addresses", allow_scalar=True):
-        out.append(_ip_hostport(n, default_port, "listen address"))
-    return tuple(out)
+    return parse_listen(node, default_port, items="addresses", ip=_IP_ONLY)
 
 
 def parse(node: Node, base: pathlib.Path | None = None) -> SNMPSettings:

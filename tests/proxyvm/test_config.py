@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import proxyvm.config as config_mod
+import proxyvm.services as services_mod
 from policy.source import Secret, SourceError
 from proxyvm.config import (
-    SECTIONS,
     AuditSettings,
     Config,
     GatewaySettings,
@@ -171,12 +171,20 @@ def test_protocol_sections_go_to_their_module(tmp_path: Path) -> None:
 
 
 def test_sections_table_is_explicit() -> None:
-    assert dict(SECTIONS) == {
+    assert {name: e.settings for name, e in services_mod.REGISTRY.items()} == {
         "dns": "protocols.dns.settings",
         "smtp": "protocols.smtp.settings",
         "snmp": "protocols.snmp.settings",
         "http": "protocols.http.settings",
     }
+
+
+def _settings_modules(monkeypatch: pytest.MonkeyPatch, **modules: str) -> None:
+    """Point sections of the one service registry at other settings modules."""
+    registry = dict(services_mod.REGISTRY)
+    for name, module in modules.items():
+        registry[name] = services_mod.ServiceEntry(module, registry[name].service)
+    monkeypatch.setattr(services_mod, "REGISTRY", registry)
 
 
 # -- the built-in default ---------------------------------------------------------------------------
@@ -217,9 +225,7 @@ def test_builtin_default_text_is_the_documented_one() -> None:
 
 
 def test_builtin_default_names_sections_this_build_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        config_mod, "SECTIONS", {**SECTIONS, "dns": "protocols.dns.not_built_yet", "http": "protocols.nohttp.settings"}
-    )
+    _settings_modules(monkeypatch, dns="protocols.dns.not_built_yet", http="protocols.nohttp.settings")
     cfg = load_config(None)
     assert cfg.unavailable == ("dns", "http")
     assert cfg.dns is None and cfg.http is None
@@ -229,7 +235,7 @@ def test_builtin_default_names_sections_this_build_lacks(monkeypatch: pytest.Mon
 def test_explicit_config_naming_an_unavailable_section_is_an_error(
     in_fixtures: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(config_mod, "SECTIONS", {**SECTIONS, "dns": "protocols.dns.not_built_yet"})
+    _settings_modules(monkeypatch, dns="protocols.dns.not_built_yet")
     assert problems_of("unavailable_section.yaml") == [
         "unavailable_section.yaml:3:1: the dns service is not available in this build yet",
         "  hint: remove the 'dns' section (or set 'dns: false') until a build includes it",
@@ -244,7 +250,7 @@ def test_a_broken_settings_module_is_not_disguised_as_unavailable(
     (pkg / "__init__.py").write_text("")
     (pkg / "settings.py").write_text("import pvm_dependency_that_is_missing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(config_mod, "SECTIONS", {**SECTIONS, "dns": "pvm_broken_proto.settings"})
+    _settings_modules(monkeypatch, dns="pvm_broken_proto.settings")
     path = tmp_path / "c.yaml"
     path.write_text("dns: {}\n")
     with pytest.raises(ModuleNotFoundError, match="pvm_dependency_that_is_missing"):

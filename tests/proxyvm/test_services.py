@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-from proxyvm.services import SERVICES, ServiceUnavailable, check_service_class, load_service_class
+from proxyvm.services import REGISTRY, ServiceUnavailable, check_service_class, load_service_class
 
 
 class Good:
@@ -53,7 +54,16 @@ def test_unknown_service() -> None:
         load_service_class("gopher")
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES))
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_registered_service_loads_and_is_well_formed(name: str) -> None:
     cls = load_service_class(name)  # a registered service that vanished from the build fails here
     assert cls.name == name
+
+
+def test_registry_names_exactly_the_protocol_folders_with_settings_and_service() -> None:
+    protocols = Path(__file__).resolve().parents[2] / "protocols"
+    folders = {p.name for p in protocols.iterdir() if (p / "settings.py").is_file() and (p / "service.py").is_file()}
+    assert set(REGISTRY) == folders
+    for name, entry in REGISTRY.items():
+        assert entry.settings == f"protocols.{name}.settings"
+        assert entry.service.startswith(f"protocols.{name}.service:")
