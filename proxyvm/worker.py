@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from policy import load_policy
+from protocols import capture
 from protocols.base import reload_service
 from protocols.quarantine import apply_table
 from proxyvm import channel
@@ -177,6 +178,7 @@ class Worker:
             log=self.log,
             config=config,
             state_dir=config.state_dir,
+            capture=capture.make(config.forensics, config.state_dir, f"{self.name}-{os.getpid()}", self.log),
         )
         self.service = cls(ctx)
         self.ctx = ctx
@@ -198,6 +200,7 @@ class Worker:
         commands = asyncio.create_task(self._commands(reader))
         await self.stopping.wait()
         await self.service.drain(self._drain_timeout)
+        await asyncio.to_thread(ctx.capture.close, 2.0)  # what is queued is written
         for t in (health, commands):
             t.cancel()
         self.stopping.set()
@@ -233,6 +236,9 @@ class Worker:
                 h = {"state": "degraded", "error": f"health() failed: {e}"}
             if self.audit.dropped:
                 h["audit_dropped"] = self.audit.dropped
+            cap = getattr(self, "ctx", None) and self.ctx.capture
+            if cap is not None and "capture" not in h:
+                h["capture"] = cap.health()
             self.send({"t": "health", "h": h})
             await asyncio.sleep(HEALTH_EVERY_S)
 

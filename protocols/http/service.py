@@ -201,6 +201,7 @@ class HTTPService:
             fds=fds,
             user=getattr(config, "user", None) if config is not None else None,
             log_level=self.log.getEffectiveLevel(),
+            capture=getattr(config, "forensics", None) if config is not None else None,
         )
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
@@ -327,7 +328,18 @@ class HTTPService:
             "listeners": [f"{k} {hostport(*a)}" for k, v in self.bound_addresses().items() for a in v],
             "pid": os.getpid(),
             "traffic": self._traffic(),
+            "capture": self._capture(),
         }
+
+    def _capture(self) -> dict[str, Any]:
+        """Forensic capture counters of this process plus its SO_REUSEPORT children's."""
+        from protocols.capture import sum_health
+
+        cap = self.ctx.capture
+        parts = [cap.health() if cap is not None else {}]
+        if self.pool is not None:
+            parts += [h.health.get("capture") or {} for h in self.pool.workers]
+        return sum_health(parts)
 
     def _traffic(self) -> dict[str, Any]:
         """This process's counters plus, in the parent, its SO_REUSEPORT children's (for /metrics)."""

@@ -82,6 +82,7 @@ class WorkerSpec:
     fds: dict[str, list[int]]  # listener kind -> inherited fds, in settings order
     user: str | None = None
     log_level: int = logging.INFO
+    capture: Any = None  # protocols.capture.CaptureSettings (None: capture on with the defaults)
 
 
 @dataclass
@@ -269,6 +270,7 @@ def _drop_privileges(user: str | None) -> None:
 
 async def _child(channel_fd: int) -> int:
     from policy import load_policy
+    from protocols import capture
     from protocols.base import ServiceContext, reload_service
     from protocols.http.service import HTTPService
     from protocols.quarantine import apply_table
@@ -291,6 +293,7 @@ async def _child(channel_fd: int) -> int:
         log=log,
         config=_DNSOnly(spec.dns),
         state_dir=Path(spec.state_dir),
+        capture=capture.make(spec.capture, spec.state_dir, f"http-{os.getpid()}", log),
     )
     svc = HTTPService(ctx)
     svc.inherited = {k: [socket.socket(fileno=fd) for fd in fds] for k, fds in spec.fds.items()}
@@ -340,6 +343,7 @@ async def _child(channel_fd: int) -> int:
     tasks = [asyncio.create_task(flush()), asyncio.create_task(commands())]
     await stopping.wait()
     await svc.drain(drain_timeout)
+    await asyncio.to_thread(ctx.capture.close, 2.0)
     for t in tasks:
         t.cancel()
     if audit.buf:
