@@ -62,6 +62,9 @@ class ServiceContext:
     quarantine: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Quarantined guests -> their entry (protocols.quarantine); replaced in place by the worker when
     the supervisor pushes a new table. Services look the guest up once per request."""
+    capture: Any = None
+    """protocols.capture.Capture: forensic capture of denied and quarantined flows (None: off).
+    Services call `capture.flow(...)` next to the decision; it only queues."""
 
 
 async def reload_service(service: Service, old_engine: Any, settings: Any, engine: Any) -> None:

@@ -88,8 +88,8 @@ def parse(node: Node, base: Path | None = None) -> CaptureSettings:
         kw["dir"] = fields["dir"].path("forensics dir")
     if "per_guest" in fields:
         kw["per_guest"] = fields["per_guest"].size("forensics per_guest")
-        if kw["per_guest"] < 16 * 1024:
-            raise fields["per_guest"].fail("forensics per_guest must be at least 16KB")
+        if kw["per_guest"] < 10_000:
+            raise fields["per_guest"].fail("forensics per_guest must be at least 10KB")
     if "total" in fields:
         kw["total"] = fields["total"].size("forensics total")
         if kw["total"] < kw.get("per_guest", DEFAULT_PER_GUEST):
@@ -423,8 +423,7 @@ class Capture:
                 self._q.put_nowait(f)
                 self._pending += size
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="proxyvm-capture", daemon=True)
-                self._thread.start()
+                self.start()
             return True
         except queue.Full:
             self.dropped += 1
@@ -434,9 +433,25 @@ class Capture:
             self.log.exception("forensics: cannot queue a flow of %s", guest)
             return False
 
+    def start(self) -> None:
+        """Start the writer thread (also ages files out while no flow comes). Idempotent."""
+        if self._thread is None and self.enabled:
+            self._thread = threading.Thread(target=self._run, name="proxyvm-capture", daemon=True)
+            self._thread.start()
+
     def _run(self) -> None:
+        ring = self.ring
         while True:
-            f = self._q.get()
+            try:
+                f = self._q.get(timeout=1.0)
+            except queue.Empty:
+                if ring is not None and self.clock() >= ring.next_sweep:
+                    try:
+                        ring.sweep()
+                    except OSError as e:
+                        ring.next_sweep = self.clock() + SUSPEND_S
+                        self.log.debug("forensics: sweep of %s failed: %s", self.dir, e)
+                continue
             if f is None:
                 return
             with self._lock:

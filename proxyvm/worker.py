@@ -190,6 +190,7 @@ class Worker:
             await self.writer.drain()
             return 1
         drop_privileges(config.user, self.log)
+        ctx.capture.start()  # the writer thread (as the service user: it creates the pcap files)
         self.send({"t": "ready", "listening": listening, "pid": os.getpid()})
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)

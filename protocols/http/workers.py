@@ -299,6 +299,7 @@ async def _child(channel_fd: int) -> int:
     svc.inherited = {k: [socket.socket(fileno=fd) for fd in fds] for k, fds in spec.fds.items()}
     await svc.start()
     _drop_privileges(spec.user)
+    ctx.capture.start()
     writer.write(encode({"t": "ready", "pid": os.getpid()}))
     await writer.drain()
     stopping = asyncio.Event()
