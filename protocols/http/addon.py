@@ -36,6 +36,7 @@ from policy.decision import Decision, ReasonCode, Verdict
 from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext, audit_record
+from protocols.capture import FLOW_MAX, IN, OUT
 from protocols.http import core, layers
 from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
@@ -649,6 +650,7 @@ class PolicyAddon:
         st: FlowState | None = flow.metadata.get(MD_STATE)
         if st is None or flow.response is None:
             return
+        self._capture(flow, st)  # forensic capture of a denied or quarantined flow (protocols.capture)
         if flow.request.method == "CONNECT":
             return  # audited at http_connect
         resp = flow.response
@@ -666,6 +668,28 @@ class PolicyAddon:
             st.info.waiting[id(st)] = (st, flow)
             return
         self._emit(st, status=resp.status_code, upstream=upstream, bytes_in=bytes_in, bytes_out=bytes_out)
+
+    def _capture(self, flow: http.HTTPFlow, st: FlowState) -> None:
+        """The guest's request (head and bounded body, as received) and the response it got from
+        us, for a flow that was denied, would be, or is a quarantined guest's."""
+        cap = self.ctx.capture
+        if cap is None or not cap.wanted(st.decision.verdict, st.info.guest in self.ctx.quarantine):
+            return
+        from mitmproxy.net.http.http1 import assemble
+
+        req, resp, client = flow.request, flow.response, flow.client_conn
+        if resp is None or not client.peername:
+            return
+        try:
+            sent = assemble.assemble_request_head(req) + (req.raw_content or b"")[:FLOW_MAX]
+            got = assemble.assemble_response_head(resp) + (resp.raw_content or b"")[:FLOW_MAX]
+        except (ValueError, AttributeError):  # streamed bodies are not kept: the heads only
+            sent, got = assemble.assemble_request_head(req), assemble.assemble_response_head(resp)
+        now = time.time()
+        local = st.info.orig_dst or client.sockname
+        cap.flow(st.info.guest, st.protocol if st.protocol != "tls" else "http", "tcp", client.peername, local,
+                 [(req.timestamp_start or now, IN, sent), (resp.timestamp_start or now, OUT, got)],
+                 start=client.timestamp_start)
 
     @_fail_closed("flow")
     async def request(self, flow: http.HTTPFlow) -> None:
