@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,14 +33,13 @@ from typing import Any
 import dns.message
 import pytest
 
+from tests.labs.pcap import all_packets, needs_tshark, ring, tshark, wait_for
 from tests.labs.proc import free_port
 from tests.labs.proxy import ProxyVM
 from tests.protocols.dns.conftest import PROXY_IP, lab_ca, lab_dir, needs_peers, upstream1  # noqa: F401
 from tests.protocols.dns.dnsfront_lab import dig
 from tests.proxyvm.test_quarantine import GUEST_IP, OTHER_IP, write_config
 
-TSHARK = shutil.which("tshark")
-needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed (.ci/packages-forensics.txt)")
 DENY_RULES = """mode: enforce
 default: allow
 rules:
@@ -52,40 +50,6 @@ rules:
 """
 FIELDS = ("frame.time_epoch", "ip.src", "udp.srcport", "tcp.srcport", "ip.dst", "udp.dstport", "tcp.dstport",
           "dns.qry.name", "dns.flags.response", "dns.flags.rcode")
-
-
-def tshark(path: Path, *fields: str, display: str = "", decode: tuple[str, ...] = ()) -> list[dict[str, str]]:
-    """Every packet of a pcap as {field: value}, as tshark decodes it (exit 0 required)."""
-    fs = fields or FIELDS
-    args = [TSHARK or "tshark", "-r", str(path), "-T", "fields", "-E", "separator=\t", "-E", "occurrence=f"]
-    for d in decode:  # e.g. "tcp.port==10053,dns": a protocol on a port tshark does not know it on
-        args += ["-d", d]
-    for f in fs:
-        args += ["-e", f]
-    if display:
-        args += ["-Y", display]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, (path, r.stderr)
-    return [dict(zip(fs, line.split("\t"), strict=False)) for line in r.stdout.splitlines()]
-
-
-def ring(state: Path, guest: str, root: Path | None = None) -> list[Path]:
-    d = (root or state / "forensics") / guest
-    return sorted(d.glob("*.pcap")) if d.is_dir() else []
-
-
-def all_packets(files: list[Path], *fields: str, decode: tuple[str, ...] = ()) -> list[dict[str, str]]:
-    return [p for f in files for p in tshark(f, *fields, decode=decode)]
-
-
-def wait_for(pred: Any, timeout: float = 15.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what or pred}")
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -146,7 +110,7 @@ async def test_dns_denials_and_quarantine_in_pcap(tmp_path: Path, upstream1, lab
 
         files1 = await asyncio.to_thread(wait_for, lambda: ring(state, "web1"), 15, "web1's pcap")
         pk = await asyncio.to_thread(
-            wait_for, lambda: len(p := all_packets(ring(state, "web1"), decode=(f"tcp.port=={port},dns",))) >= 2 + 8 and p, 15, "web1's packets")
+            wait_for, lambda: len(p := all_packets(ring(state, "web1"), *FIELDS, decode=(f"tcp.port=={port},dns",))) >= 2 + 8 and p, 15, "web1's packets")
         files1 = ring(state, "web1")
         assert all(re.fullmatch(r"\d{6}-dns-\d+\.pcap", f.name) for f in files1), files1
         t_end = time.time()
@@ -169,7 +133,7 @@ async def test_dns_denials_and_quarantine_in_pcap(tmp_path: Path, upstream1, lab
         assert "www.lab.test" not in {p["dns.qry.name"] for p in pk}
         # the quarantined guest: its allowed-by-policy name is there
         pk2 = await asyncio.to_thread(
-            wait_for, lambda: (p := all_packets(ring(state, "web2"))) and len(p) >= 2 and p, 15, "web2's packets")
+            wait_for, lambda: (p := all_packets(ring(state, "web2"), *FIELDS)) and len(p) >= 2 and p, 15, "web2's packets")
         assert [(p["ip.src"], p["dns.qry.name"]) for p in pk2] == [(OTHER_IP, "www.lab.test"), (PROXY_IP, "www.lab.test")]
         # tshark finds no malformed packet and no TCP sequence problem
         for f in files1:
