@@ -680,11 +680,14 @@ class PolicyAddon:
         req, resp, client = flow.request, flow.response, flow.client_conn
         if resp is None or not client.peername:
             return
-        try:
-            sent = assemble.assemble_request_head(req) + (req.raw_content or b"")[:FLOW_MAX]
+        # the request line as the guest sent it: absolute-form to the explicit proxy listener
+        target = req.authority if req.method == "CONNECT" else req.url if st.info.kind == "proxy" else req.path
+        head = f"{req.method} {target} {req.http_version}\r\n".encode("latin-1", "replace") + bytes(req.headers) + b"\r\n"
+        try:  # a body the proxy never read (denied at the headers) is not there to keep
+            sent = head + (req.raw_content or b"")[:FLOW_MAX]
             got = assemble.assemble_response_head(resp) + (resp.raw_content or b"")[:FLOW_MAX]
         except (ValueError, AttributeError):  # streamed bodies are not kept: the heads only
-            sent, got = assemble.assemble_request_head(req), assemble.assemble_response_head(resp)
+            sent, got = head, assemble.assemble_response_head(resp)
         now = time.time()
         local = st.info.orig_dst or client.sockname
         cap.flow(st.info.guest, st.protocol if st.protocol != "tls" else "http", "tcp", client.peername, local,

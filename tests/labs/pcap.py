@@ -15,12 +15,15 @@ TSHARK = shutil.which("tshark")
 needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed (.ci/packages-forensics.txt)")
 
 
-def tshark(path: Path, *fields: str, display: str = "", decode: tuple[str, ...] = ()) -> list[dict[str, str]]:
+def tshark(path: Path, *fields: str, display: str = "", decode: tuple[str, ...] = (),
+           prefs: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Every packet of a pcap as {field: value}, as tshark decodes it (exit 0 required).
     `decode`: e.g. "tcp.port==10053,dns" for a protocol on a port tshark does not know it on."""
     args = [TSHARK or "tshark", "-r", str(path), "-T", "fields", "-E", "separator=\t", "-E", "occurrence=f"]
     for d in decode:
         args += ["-d", d]
+    for o in prefs:  # e.g. "http.desegment_body:FALSE"
+        args += ["-o", o]
     for f in fields:
         args += ["-e", f]
     if display:
@@ -36,8 +39,9 @@ def ring(state: Path, guest: str, root: Path | None = None) -> list[Path]:
     return sorted(d.glob("*.pcap")) if d.is_dir() else []
 
 
-def all_packets(files: list[Path], *fields: str, decode: tuple[str, ...] = ()) -> list[dict[str, str]]:
-    return [p for f in files for p in tshark(f, *fields, decode=decode)]
+def all_packets(files: list[Path], *fields: str, decode: tuple[str, ...] = (),
+                prefs: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    return [p for f in files for p in tshark(f, *fields, decode=decode, prefs=prefs)]
 
 
 def wait_for(pred: Any, timeout: float = 15.0, what: str = "") -> Any:
