@@ -99,7 +99,7 @@ async def test_export_and_verify(tmp_path: Path, upstream1, lab_ca) -> None:  # 
     assert b"evil.lab.test" in files["recordings/requests.jsonl"]
     with tarfile.open(bundle) as t:
         assert t.getmember("pcap").isdir()
-    # the quarantined guest's query is in its capture ring (tests/proxyvm/test_capture.py reads it)
+    # the quarantined guest's query is in its capture ring (tests/proxyvm/test_capture_process.py reads it)
     (pcap,) = manifest["pcap"]
     assert pcap.startswith("pcap/") and pcap in files and b"evil" in files[pcap]
 

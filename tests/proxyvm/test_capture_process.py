@@ -12,7 +12,7 @@ with the real `tshark`:
   rises, one log line says capture stopped, and the pcap files left are still readable;
 * `forensics: false`: nothing is written.
 
-SMTP (swaks), HTTP (curl) and SNMP (snmpget) denials are in tests/proxyvm/test_capture_services.py.
+SMTP (swaks), HTTP (curl) and SNMP (snmpget) denials are in tests/protocols/{smtp,http,snmp}/test_*_capture.py.
 """
 
 from __future__ import annotations
