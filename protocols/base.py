@@ -83,6 +83,10 @@ class ServiceContext:
     def reuse_port(self) -> bool:
         return self.workers > 1
 
+    capture: Any = None
+    """protocols.capture.Capture: forensic capture of denied and quarantined flows (None: off).
+    Services call `capture.flow(...)` next to the decision; it only queues."""
+
     def record(
         self,
         decision: Decision,

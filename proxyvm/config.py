@@ -1,8 +1,8 @@
 """The appliance configuration: one YAML file -> one frozen, typed `Config`.
 
 Owns: the top-level schema of docs/configuration.md (`guests`, `policy`, `audit`,
-`admin`, `gateway`, the protocol sections, plus `user`, `state_dir`, `detect` and `quarantine`,
-whose parsers live in proxyvm.detect and proxyvm.quarantine), the built-in default
+`admin`, `gateway`, the protocol sections, plus `user`, `state_dir`, `detect`, `quarantine` and
+`forensics`, whose parsers live in proxyvm.detect, proxyvm.quarantine and protocols.capture), the built-in default
 config (the protocol sections and which module parses each are `proxyvm.services.REGISTRY`), and `load_all`,
 which loads config and policy together so every problem of both is reported in one go.
 Must not: parse a protocol's own section (each `protocols/<name>/settings.py` owns its schema),
@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 TOP_LEVEL_KEYS = frozenset(
-    {"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", "detect", "quarantine", "fleet",
+    {"guests", "policy", "audit", "admin", "gateway", "user", "state_dir", "detect", "quarantine", "fleet", "forensics",
      *services.REGISTRY}
 )
 
@@ -120,6 +120,15 @@ class Config:
     # `workers: N` of each protocol section that sets it (absent: 1): processes the supervisor
     # runs for that service, each with its own SO_REUSEPORT listeners (proxyvm.supervisor).
     workers: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    forensics: Any = None  # protocols.capture.CaptureSettings (None: no section, capture on with defaults)
+
+    @property
+    def capture_dir(self) -> Path | None:
+        """Where forensic capture writes (None: `forensics: false`)."""
+        from protocols.capture import CaptureSettings
+
+        s = self.forensics if self.forensics is not None else CaptureSettings()
+        return s.directory(self.state_dir) if s.enabled else None
 
     @property
     def policy_file(self) -> Path:
@@ -543,6 +552,10 @@ def _load(path: str | os.PathLike[str] | None, as_root: bool | None) -> _Partial
         from proxyvm.quarantine import parse_quarantine
 
         response["quarantine"] = problems.attempt(lambda: parse_quarantine(top["quarantine"]), None)
+    if "forensics" in top:
+        from protocols.capture import parse as parse_forensics
+
+        response["forensics"] = problems.attempt(lambda: parse_forensics(top["forensics"], base), None)
     if "fleet" in top:
         from proxyvm.fleet import parse_fleet
 

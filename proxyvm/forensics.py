@@ -16,7 +16,8 @@ Bundle (a tar):
   policy/<files>              the rules file and list files in force (their digest is in the manifest)
   config/<file>               the config in force, redacted
   recordings/...              state_dir/quarantine/<guest>/ (honeypot requests, quarantine mail)
-  pcap/                       forensic capture (not built yet: issue 14 item 3); empty
+  pcap/<n>-<tag>.pcap         the guest's forensic capture ring (protocols.capture: `forensics: dir`/<guest>/),
+                              every file, oldest first; named in the manifest's `pcap` list
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocols.capture import guest_dirname
 from proxyvm.audit import line_hash, now_iso
 
 FORMAT = "proxyvm-forensics/1"
@@ -110,11 +112,24 @@ def export(config: Any, engine: Any, guest: str, since: str, output: Path) -> tu
         for p in sorted(rec_dir.rglob("*")):
             if p.is_file() and not p.name.startswith("."):
                 b.add(f"recordings/{p.relative_to(rec_dir)}", p.read_bytes())
+    pcaps: list[str] = []
+    cap_dir = getattr(config, "capture_dir", None)
+    if cap_dir is not None and (Path(cap_dir) / guest_dirname(guest)).is_dir():
+        ring = sorted((p for p in (Path(cap_dir) / guest_dirname(guest)).iterdir()
+                       if p.is_file() and p.suffix == ".pcap" and not p.name.startswith(".")),
+                      key=lambda p: (p.stat().st_mtime, p.name))
+        for p in ring:
+            try:
+                data = p.read_bytes()
+            except FileNotFoundError:  # aged out by the running instance meanwhile
+                continue
+            b.add(f"pcap/{p.name}", data)
+            pcaps.append(f"pcap/{p.name}")
     manifest = {
         "format": FORMAT, "guest": guest, "since": since or None, "created": now_iso(),
         "policy": getattr(engine, "digest", ""), "config": str(src), "chains": chains_meta,
         "records": len(records), "alerts": len(alerts),
-        "pcap": [],  # forensic capture: issue 14 item 3
+        "pcap": pcaps,  # the capture ring, oldest first (their sha256 are in `files`)
         "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                   for name, data in sorted(b.members.items())},
     }

@@ -72,6 +72,16 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "proxyvm_http_open_connections": ("gauge", "Open guest connections to the HTTP service", ()),
     "proxyvm_http_websocket_sessions": ("counter", "WebSocket sessions opened", ()),
     "proxyvm_http_websocket_sessions_open": ("gauge", "WebSocket sessions open now", ()),
+    # forensic capture (protocols.capture), per service process
+    "proxyvm_forensics_flows": ("counter", "Denied or quarantined flows written to the guests' pcap files",
+                                ("service",)),
+    "proxyvm_forensics_packets": ("counter", "Packets written to the guests' pcap files", ("service",)),
+    "proxyvm_forensics_bytes": ("counter", "Bytes written to the guests' pcap files", ("service",)),
+    "proxyvm_forensics_dropped": ("counter", "Flows not captured (queue full, or capture stopped after a "
+                                  "disk error)", ("service",)),
+    "proxyvm_forensics_disk_errors": ("counter", "Writes of pcap files that failed (full disk, quota, I/O "
+                                      "error); capture stops for 30 s after each", ("service",)),
+    "proxyvm_forensics_stopped": ("gauge", "1 while capture is stopped after a disk error", ("service",)),
     # audit
     "proxyvm_audit_records_shipped": ("counter", "Audit records the fleet stream acknowledged (0 outside a fleet)",
                                       ()),
@@ -230,6 +240,14 @@ class ServiceMetrics(Collector):
             add("proxyvm_http_open_connections", [], http.get("connections", 0))
             add("proxyvm_http_websocket_sessions", [], t.get("ws_opened", 0))
             add("proxyvm_http_websocket_sessions_open", [], max(0.0, _num(t.get("ws_opened")) - _num(t.get("ws_closed"))))
+
+        for name in sorted(getattr(self.sup, "services", {}) or {}):
+            cap = self._health(name).get("capture")
+            if not isinstance(cap, dict):
+                continue
+            for key in ("flows", "packets", "bytes", "dropped", "disk_errors"):
+                add(f"proxyvm_forensics_{key}", [name], cap.get(key, 0))
+            add("proxyvm_forensics_stopped", [name], 1 if cap.get("stopped") else 0)
 
         fleet = getattr(self.sup, "fleet", None)
         shipper = getattr(fleet, "shipper", None)

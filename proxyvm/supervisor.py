@@ -474,9 +474,18 @@ def prepare_dirs(config: Any) -> None:
     dirs = [config.state_dir, config.audit.path.parent]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
+    capture_dir = getattr(config, "capture_dir", None)
+    if capture_dir is not None:
+        try:
+            capture_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:  # capture is evidence, not service: run without it (workers count errors)
+            log.error("forensics: cannot create %s: %s; the services run, capture writes fail", capture_dir, e)
+            capture_dir = None
     if os.getuid() == 0 and user:
         try:
             pw = pwd.getpwnam(user)
         except KeyError:
             return
         os.chown(config.state_dir, pw.pw_uid, pw.pw_gid)
+        if capture_dir is not None:
+            os.chown(capture_dir, pw.pw_uid, pw.pw_gid)

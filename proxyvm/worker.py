@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from policy import load_policy
+from protocols import capture
 from protocols.base import MilliClock, reload_service, stamp_record
 from protocols.quarantine import apply_table
 from proxyvm import channel
@@ -196,6 +197,7 @@ class Worker:
             timestamp=MilliClock(),
             worker=self.index,
             workers=config.workers_of(self.name),
+            capture=capture.make(config.forensics, config.state_dir, f"{self.name}-{os.getpid()}", self.log),
         )
         self._set_policy(ctx, getattr(engine, "digest", ""))
         self.service = cls(ctx)
@@ -208,6 +210,7 @@ class Worker:
             await self.writer.drain()
             return 1
         drop_privileges(config.user, self.log)
+        ctx.capture.start()  # the writer thread (as the service user: it creates the pcap files)
         self.send({"t": "ready", "listening": listening, "pid": os.getpid(), "index": self.index})
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
@@ -218,6 +221,7 @@ class Worker:
         commands = asyncio.create_task(self._commands(reader))
         await self.stopping.wait()
         await self.service.drain(self._drain_timeout)
+        await asyncio.to_thread(ctx.capture.close, 2.0)  # what is queued is written
         for t in (health, commands):
             t.cancel()
         self.stopping.set()
@@ -260,6 +264,9 @@ class Worker:
                 h["audit_dropped"] = self.audit.dropped
             if self.rates is not None and self.rates.full:
                 h["rate_table_full"] = self.rates.full
+            cap = getattr(self, "ctx", None) and self.ctx.capture
+            if cap is not None and "capture" not in h:
+                h["capture"] = cap.health()
             self.send({"t": "health", "h": h})
             await asyncio.sleep(HEALTH_EVERY_S)
 

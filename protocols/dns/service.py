@@ -26,6 +26,7 @@ from policy.decision import Decision, ReasonCode, Verdict, builtin
 from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext
+from protocols.capture import IN, OUT
 from protocols.dns import wire
 from protocols.dns.cache import CacheEntry, E, stale_wire, upstream_audit, wire_at
 from protocols.dns.forwarder import Forwarder, Resolution
@@ -98,6 +99,7 @@ class _UDPListener:
         sock.setblocking(False)
         self._recvfrom = sock.recvfrom
         self._sendto = sock.sendto
+        self.local = sock.getsockname()[:2]  # where guests sent their queries (forensic capture)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -123,6 +125,7 @@ class _UDPListener:
                     except OSError:
                         svc.stats["udp_errors"] += 1
 
+            svc.local = self.local
             try:
                 handle(data, addr, send, False)
             except Exception:  # one bad packet never stops a listener
@@ -199,6 +202,7 @@ class _TCP(asyncio.Protocol):
         if self.svc.transparent and sock is not None:  # REDIRECTed: remember what the guest asked
             self.peer = OrigSrc.of(self.peer, tcp_original_dst(sock))
         self.guest = self.svc.guest_of(self.peer[0])
+        self.local = (transport.get_extra_info("sockname") or ("", 0))[:2]
         svc = self.svc
         if svc.tcp_per_guest[self.guest] >= svc.settings.limits.tcp_connections:
             svc.stats["tcp_refused_limit"] += 1
@@ -233,6 +237,7 @@ class _TCP(asyncio.Protocol):
             del buf[: 2 + ln]
             self._arm_idle()  # only whole queries keep a connection alive (slow-drip guests time out)
             self.outstanding += 1
+            self.svc.local = self.local
             try:
                 self.svc.handle(frame, self.peer, self.send, True)
             except Exception:
@@ -302,6 +307,9 @@ class DNSService:
         self.clock = time.monotonic
         self.listening: list[str] = []
         self.recorder = quarantine.Recorder(ctx.state_dir)
+        cap = ctx.capture
+        self.capture = cap if cap is not None and cap.enabled else None  # protocols.capture
+        self.local: tuple[Any, ...] = ("", 0)  # the address the query being handled came to
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -397,6 +405,31 @@ class DNSService:
         return h
 
     # -- helpers -------------------------------------------------------------------------------
+    def _captured(self, send: Send, data: bytes, src: tuple[Any, ...], tcp: bool, guest: str) -> Send:
+        """`send` that also hands the query and the answer the guest got to forensic capture
+        (protocols.capture; only called for denied, would-deny and quarantined queries)."""
+        cap = self.capture
+        if cap is None or getattr(send, "captured", False):
+            return send
+        orig = getattr(src, "orig", None)
+        if orig:  # transparent mode: the resolver address the guest asked
+            host, _, port = orig.rpartition(":")
+            local: tuple[Any, ...] = (host.strip("[]"), int(port))
+        else:
+            local = self.local
+        t_in = time.time()
+
+        def wrapped(resp: bytes | None) -> None:
+            send(resp)
+            q = struct.pack("!H", len(data)) + data if tcp else data
+            chunks = [(t_in, IN, q)]
+            if resp is not None:
+                chunks.append((time.time(), OUT, struct.pack("!H", len(resp)) + resp if tcp else resp))
+            cap.flow(guest, "dns", "tcp" if tcp else "udp", src, local, chunks)
+
+        wrapped.captured = True  # type: ignore[attr-defined]
+        return wrapped
+
     def _take_token(self, guest: str, now: float) -> bool:
         qps = self._qps
         b = self._buckets.get(guest)
@@ -486,6 +519,7 @@ class DNSService:
             return
         qt = self.ctx.quarantine
         if qt and guest in qt:  # a quarantined guest: nothing below applies (docs/cli.md#quarantine)
+            send = self._captured(send, data, src, tcp, guest)
             self._quarantined(data, q, qt[guest], guest, src, t0, send)
             return
         fw = self.fw
@@ -498,6 +532,7 @@ class DNSService:
         if q.qclass != 1 or q.qtype in (_AXFR, _IXFR, _MAILA, _MAILB):
             what = "zone transfers" if q.qtype in (_AXFR, _IXFR) else "this query class/type"
             d = _builtin(Verdict.DENY, "dns-builtin", f"{what} are not served by this proxy")
+            send = self._captured(send, data, src, tcp, guest)
             self._refuse(data, q, d, guest, src, qname, qtype, t0, send, wire.EDE_NOT_SUPPORTED, f"{qtype} not supported")
             return
         try:
@@ -510,6 +545,8 @@ class DNSService:
             d = _builtin(Verdict.DENY, "dns-builtin", "the policy engine failed on this query; failing closed")
             self._audit(d, guest, src, qname, qtype, t0, rcode=wire.SERVFAIL, ede=wire.EDE_OTHER)
             return
+        if d.verdict is not Verdict.ALLOW:  # deny or would_deny: the query and its answer go to capture
+            send = self._captured(send, data, src, tcp, guest)
         if not d.allowed:
             if d.code == ReasonCode.RATE_LIMITED:
                 st["rate_limited"] += 1
@@ -617,6 +654,7 @@ class DNSService:
             blocked = self._check_answer(entry, guest, entry[E.QNAME], entry[E.QTYPE])
             if blocked is not None:
                 bd, text = blocked
+                send = self._captured(send, data, src, tcp, guest)
                 if bd.verdict is Verdict.DENY:
                     self.stats["answers_blocked"] += 1
                     send(wire.error_response(data, q, wire.REFUSED, wire.EDE_BLOCKED, text, self.settings.edns_udp_size))

@@ -37,6 +37,7 @@ from policy.decision import Decision, ReasonCode, Verdict, builtin, make_decisio
 from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext, duration_ms
+from protocols.capture import FLOW_MAX, IN, OUT
 from protocols.http import core, honeypot, layers
 from protocols.http.resolve import UpstreamResolver
 from protocols.http.settings import HTTPSettings
@@ -666,6 +667,7 @@ class PolicyAddon:
         st: FlowState | None = flow.metadata.get(MD_STATE)
         if st is None or flow.response is None:
             return
+        self._capture(flow, st)  # forensic capture of a denied or quarantined flow (protocols.capture)
         if flow.request.method == "CONNECT":
             return  # audited at http_connect
         resp = flow.response
@@ -683,6 +685,31 @@ class PolicyAddon:
             st.info.waiting[id(st)] = (st, flow)
             return
         self._emit(st, status=resp.status_code, upstream=upstream, bytes_in=bytes_in, bytes_out=bytes_out)
+
+    def _capture(self, flow: http.HTTPFlow, st: FlowState) -> None:
+        """The guest's request (head and bounded body, as received) and the response it got from
+        us, for a flow that was denied, would be, or is a quarantined guest's."""
+        cap = self.ctx.capture
+        if cap is None or not cap.wanted(st.decision.verdict, st.info.guest in self.ctx.quarantine):
+            return
+        from mitmproxy.net.http.http1 import assemble
+
+        req, resp, client = flow.request, flow.response, flow.client_conn
+        if resp is None or not client.peername:
+            return
+        # the request line as the guest sent it: absolute-form to the explicit proxy listener
+        target = req.authority if req.method == "CONNECT" else req.url if st.info.kind == "proxy" else req.path
+        head = f"{req.method} {target} {req.http_version}\r\n".encode("latin-1", "replace") + bytes(req.headers) + b"\r\n"
+        try:  # a body the proxy never read (denied at the headers) is not there to keep
+            sent = head + (req.raw_content or b"")[:FLOW_MAX]
+            got = assemble.assemble_response_head(resp) + (resp.raw_content or b"")[:FLOW_MAX]
+        except (ValueError, AttributeError):  # streamed bodies are not kept: the heads only
+            sent, got = head, assemble.assemble_response_head(resp)
+        now = time.time()
+        local = st.info.orig_dst or client.sockname
+        cap.flow(st.info.guest, st.protocol if st.protocol != "tls" else "http", "tcp", client.peername, local,
+                 [(req.timestamp_start or now, IN, sent), (resp.timestamp_start or now, OUT, got)],
+                 start=client.timestamp_start)
 
     @_fail_closed("flow")
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -31,6 +31,7 @@ from aiosmtpd.smtp import Envelope as AioEnvelope
 from protocols import quarantine
 from protocols.addr import hostport
 from protocols.base import ServiceContext
+from protocols.capture import FLOW_MAX, IN, OUT
 from protocols.listen import warn_restart_only
 from protocols.smtp.delivery import Deliverer
 from protocols.smtp.queue import QueueRunner
@@ -225,6 +226,13 @@ class GuestSMTP(AioSMTP):
         self._in_data = False
         self._last_rx = 0.0
         self._data_sink: _DataSink | None = None
+        # forensic capture (protocols.capture): what the guest sent and what we answered, bounded;
+        # written at close when a recipient was denied (or would be) or the guest is quarantined
+        cap = handler.service.ctx.capture
+        self._transcript: list[tuple[float, str, bytes]] | None = [] if cap is not None and cap.enabled else None
+        self._transcript_size = 0
+        self.capture_flow = False
+        self._local: Any = None
 
     def _construct(self, handler: GuestHandler, settings: SMTPSettings, **kw: Any) -> None:
         super().__init__(
@@ -266,10 +274,37 @@ class GuestSMTP(AioSMTP):
             return line
 
         reader.readuntil = readuntil  # type: ignore[method-assign]
+        if self._transcript is not None:
+            self._local = writer.get_extra_info("sockname")
+            write = writer.write
+
+            def noted_write(data: bytes) -> None:
+                self._note(OUT, data)
+                write(data)
+
+            writer.write = noted_write  # type: ignore[method-assign]
         handler: GuestHandler = self.event_handler
         handler.sessions.add(self)
 
+    def _note(self, direction: str, data: bytes) -> None:
+        room = FLOW_MAX - self._transcript_size
+        if self._transcript is not None and room > 0 and data:
+            chunk = bytes(data[:room])
+            self._transcript.append((time.time(), direction, chunk))
+            self._transcript_size += len(chunk)
+
+    def _capture(self) -> None:
+        svc = self.event_handler.service
+        peer = getattr(self.session, "peer", None) if self.session is not None else None
+        if not self._transcript or not peer:
+            return
+        guest = svc.ctx.guests.lookup(peer[0])
+        if self.capture_flow or guest in svc.ctx.quarantine:
+            svc.ctx.capture.flow(guest, "smtp", "tcp", peer, self._local, self._transcript, end=time.time())
+        self._transcript = None
+
     def connection_lost(self, error: Exception | None) -> None:
+        self._capture()
         self.event_handler.sessions.discard(self)
         runner = self.event_handler.service.runner
         if runner is not None:
@@ -314,6 +349,8 @@ class GuestSMTP(AioSMTP):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
+        if self._transcript is not None:
+            self._note(IN, data)
         if self._data_sink is not None:
             self._data_sink.feed(data)  # message bytes bypass the line reader (see smtp_DATA)
         else:
@@ -468,6 +505,7 @@ class GuestHandler:
             return self._quarantined_rcpt(envelope, qt[guest], guest, src, address, rcpt_options, request)
         d = self.service.engine.decide("smtp", guest=guest, request=request)
         self.service.ctx.record(d, guest=guest, src=src, protocol="smtp", request=request, event="rcpt")
+        server.capture_flow = server.capture_flow or str(d.verdict) != "allow"  # forensic capture at close
         if not d.allowed:
             if str(d.code) == "rate_limited":
                 return f"451 4.7.1 <{address}>: rate limit of rule {d.rule} exceeded; try again later"

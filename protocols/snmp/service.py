@@ -32,6 +32,7 @@ from policy.decision import Decision, ReasonCode, Verdict, builtin
 from protocols import quarantine
 from protocols.addr import addr_text
 from protocols.base import ServiceContext
+from protocols.capture import IN, OUT
 from protocols.listen import warn_restart_only
 from protocols.snmp import ber, translate, usm
 from protocols.snmp.peer import AgentError, AgentTimeout, V3Peer
@@ -82,6 +83,8 @@ class _Job:
     max_rep: int
     bucket: _Bucket
     engine: Any
+    raw: bytes = b""  # the guest's datagram, kept only when the flow goes to forensic capture
+    local: tuple[str, int] | None = None
 
 
 class _Listener:
@@ -93,6 +96,7 @@ class _Listener:
 
     def _datagram(self, data: bytes, addr: Any) -> None:
         if self.handler == self.service.handle_datagram:
+            self.service._local = self.endpoint.getsockname()[:2]  # the address the guest sent to (capture)
             try:
                 self.service._fast_datagram(data, addr, lambda reply: self._send(reply, addr))
             except Exception:  # one bad datagram must never take the listener down
@@ -172,6 +176,7 @@ class SNMPService:
         }
         self.recorder = quarantine.Recorder(ctx.state_dir)
         self.by_op: dict[str, int] = {}  # "op/outcome" -> audited requests (for /metrics)
+        self._local: tuple[str, int] | None = None  # the listener of the datagram being prepared
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -434,7 +439,8 @@ class SNMPService:
 
         qt = self.ctx.quarantine
         if qt and guest in qt:  # quarantined: refused whatever the rules say (docs/cli.md#quarantine-and-release)
-            return self._quarantined(msg, pdu, qt[guest], guest, srcs, request, extra, t0)
+            return self._captured(guest, src, orig_dst, data, msg, self._quarantined(msg, pdu, qt[guest], guest, srcs,
+                                                                                     request, extra, t0))
 
         if len(vbs) > s.limits.max_varbinds:
             d = _guard("snmp.limits", f"{len(vbs)} varbinds exceed max_varbinds {s.limits.max_varbinds}")
@@ -460,13 +466,13 @@ class SNMPService:
             # nothing and let the guest's retry come back (like an overloaded agent).
             self.counters["denied"] += 1
             self._audit(decision, guest, srcs, request, None, "dropped (rate limited)", t0, extra)
-            return None
+            return self._captured(guest, src, orig_dst, data, msg, None)
         if decision.verdict is Verdict.DENY:
             self.counters["denied"] += 1
             status = ber.NO_ACCESS if pdu.tag == ber.SET else ber.AUTHORIZATION_ERROR
             out = translate.error_response(version, pdu, status, bad_index)
             self._audit(decision, guest, srcs, request, None, ber.error_name(out.error_status), t0, extra)
-            return self._encode(msg, pdu, out)
+            return self._captured(guest, src, orig_dst, data, msg, self._encode(msg, pdu, out))
         if not vbs:
             self._audit(decision, guest, srcs, request, None, "noError", t0, extra)
             return self._encode(msg, pdu, ber.PDU(ber.RESPONSE, pdu.request_id, 0, 0, []))
@@ -475,8 +481,27 @@ class SNMPService:
         peer = self._peer(agent.address, agent.credentials, agent.timeout, agent.retries)
         bucket.inflight += 1
         self._inflight_jobs += 1
-        return _Job(msg, pdu, agent, guest, srcs, request, extra, decision, upstream, t0, peer, non_rep, max_rep,
-                    bucket, engine)
+        job = _Job(msg, pdu, agent, guest, srcs, request, extra, decision, upstream, t0, peer, non_rep, max_rep,
+                   bucket, engine)
+        if decision.verdict is Verdict.WOULD_DENY and self.ctx.capture is not None:  # captured with its reply
+            job.raw, job.local = data, orig_dst or self._local
+        return job
+
+    def _captured(self, guest: str, src: tuple[str, int], local: tuple[str, int] | None, data: bytes,
+                  msg: ber.CommunityMessage, reply: bytes | None) -> bytes | None:
+        """Hand a denied or quarantined request and our reply to forensic capture (protocols.capture),
+        the community string masked (same length: the BER stays valid); returns `reply`."""
+        cap = self.ctx.capture
+        if cap is not None and cap.enabled:
+            c = msg.community
+
+            def hide(b: bytes) -> bytes:
+                return b.replace(c, b"*" * len(c), 1) if c else b
+
+            now = time.time()
+            chunks = [(now, IN, hide(data))] + ([(now, OUT, hide(reply))] if reply else [])
+            cap.flow(guest, "snmp", "udp", src, local or self._local, chunks)
+        return reply
 
     def _quarantined(self, msg: ber.CommunityMessage, pdu: ber.PDU, qe: dict[str, Any], guest: str, srcs: str,
                      request: dict[str, Any], extra: dict[str, Any], t0: float) -> bytes:
@@ -530,6 +555,9 @@ class SNMPService:
             status = f"{ber.error_name(out.error_status)} (translated for v1)"
         data = self._encode(job.msg, pdu, out)
         self._audit(job.decision, job.guest, job.srcs, job.request, job.upstream, status, job.t0, job.extra)
+        if job.raw:  # would_deny (monitor mode): the request and the answer the guest got
+            host, _, port = job.srcs.rpartition(":")
+            self._captured(job.guest, (host.strip("[]"), int(port)), job.local, job.raw, job.msg, data)
         return data
 
     def _view(self, engine: Any, guest: str, agent: str, op: str) -> Any:

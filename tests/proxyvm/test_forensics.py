@@ -2,7 +2,7 @@
 Unbound DoT upstream, dig as two guests, web1 quarantined as a honeypot by the real CLI):
 
 * the bundle has web1's records (and only its), the chain proof that verifies up to the `.head`,
-  the policy and the redacted config, the honeypot recordings, an empty pcap/ place and a manifest;
+  the policy and the redacted config, the honeypot recordings, the pcap ring and a manifest;
 * verify passes on it, and fails (exit 1) on any edit: a changed member, a record edited with the
   manifest recomputed to match (the chain proof breaks), a member removed or added, a manifest
   other than the one export printed."""
@@ -82,7 +82,7 @@ async def test_export_and_verify(tmp_path: Path, upstream1, lab_ca) -> None:  # 
     digest = r.stdout.split("manifest sha256 ")[1].split()[0]
     files = members(bundle)
     manifest = json.loads(files["manifest.json"])
-    assert manifest["guest"] == "web1" and manifest["format"] == "proxyvm-forensics/1" and manifest["pcap"] == []
+    assert manifest["guest"] == "web1" and manifest["format"] == "proxyvm-forensics/1"
     assert hashlib.sha256(files["manifest.json"]).hexdigest() == digest
     recs = [json.loads(x) for x in files["records.jsonl"].splitlines()]
     assert {x["guest"] for x in recs} == {"web1"} and [x.get("kind") for x in recs].count("quarantine") == 1
@@ -99,6 +99,9 @@ async def test_export_and_verify(tmp_path: Path, upstream1, lab_ca) -> None:  # 
     assert b"evil.lab.test" in files["recordings/requests.jsonl"]
     with tarfile.open(bundle) as t:
         assert t.getmember("pcap").isdir()
+    # the quarantined guest's query is in its capture ring (tests/proxyvm/test_capture_process.py reads it)
+    (pcap,) = manifest["pcap"]
+    assert pcap.startswith("pcap/") and pcap in files and b"evil" in files[pcap]
 
     ok = await asyncio.to_thread(pvm_cli, cfg, "forensics", "verify", str(bundle), "--manifest-sha256", digest)
     assert ok.returncode == 0 and ok.stdout.startswith(f"ok: {bundle}: every member matches"), ok.stderr
